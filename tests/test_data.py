@@ -1,0 +1,199 @@
+"""data.py: datasets, augmentations and loaders, on the shipped CIFAR-10 sample (tests/data_sample), CPU.
+
+- every method's views: count, size, dtype, normalization, randomness; multi-crop sizes; BYOL's blur kernel
+  and its p 1.0 / 0.1 asymmetry; PIL and uint8-tensor inputs give the same shapes;
+- the sample loads through the `folder` path: 10 classes in CIFAR's order, 100 / 50 images per class,
+  and it is real labeled data (a raw-pixel nearest neighbour beats chance by far);
+- missing or malformed data raises DataError (a SystemExit) with a one-line message saying what to do,
+  and `python data.py` prints that line without a traceback;
+- build_loader: drop_last, shuffling, batch shapes, and the DistributedSampler with set_epoch.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DistributedSampler
+from torchvision.transforms import v2
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data_sample"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MEAN, STD = data.MEAN_STD["cifar10"]
+
+
+@pytest.fixture(scope="module")
+def img():
+    return Image.open(next((SAMPLE / "train" / "cat").glob("*.jpg"))).convert("RGB")
+
+
+@pytest.mark.parametrize("method, sizes", [("simclr", [32] * 2), ("byol", [32] * 2), ("moco", [32] * 2),
+                                           ("swav", [32] * 2 + [16] * 6)])
+def test_method_views(img, method, sizes):
+    torch.manual_seed(0)
+    views = data.method_views(method, 32, MEAN, STD)(img)
+    assert [tuple(v.shape) for v in views] == [(3, s, s) for s in sizes]
+    assert all(v.dtype == torch.float32 for v in views)
+    assert min(v.min().item() for v in views) < 0  # normalized, not in [0, 1]
+    assert not torch.equal(views[0], views[1])  # two random draws
+
+
+def test_uint8_tensor_input_gives_the_same_views_shapes(img):
+    x = v2.functional.pil_to_tensor(img)  # what decode_image returns: uint8 (3, H, W)
+    for t in [data.simclr_transform(32, MEAN, STD), *data.byol_transforms(32, MEAN, STD)]:
+        y = t(x)
+        assert y.shape == (3, 32, 32) and y.dtype == torch.float32
+
+
+def test_multicrop_paper_setting():
+    big = Image.new("RGB", (256, 256), (120, 60, 30))
+    views = data.multicrop_transform(224, MEAN, STD, local_size=96)(big)  # SwAV: 2x224 + 6x96
+    assert [v.shape[-1] for v in views] == [224] * 2 + [96] * 6
+    views = data.multicrop_transform(32, MEAN, STD, n_global=2, n_local=4, local_size=8)(big)
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 8, 8)] * 4
+
+
+def _blurs(t):  # (kernel size, probability) of each GaussianBlur inside a Compose of RandomApply
+    return [(b.kernel_size, r.p) for r in t.transforms if isinstance(r, v2.RandomApply)
+            for b in r.transforms if isinstance(b, v2.GaussianBlur)]
+
+
+def test_blur_follows_the_papers():
+    t1, t2 = data.byol_transforms(224, MEAN, STD)
+    assert _blurs(t1) == [((23, 23), 1.0)] and _blurs(t2) == [((23, 23), 0.1)]  # BYOL Table 6, 23 px at 224
+    t1, _ = data.byol_transforms(32, MEAN, STD)
+    assert _blurs(t1) == [((3, 3), 1.0)]  # 10% of 32, odd
+    assert _blurs(data.simclr_transform(32, MEAN, STD)) == []  # SimCLR App. B.9: no blur on CIFAR
+    assert _blurs(data.simclr_transform(96, MEAN, STD)) == [((9, 9), 0.5)]
+
+
+def test_solarize_only_on_byol_second_view():
+    t1, t2 = data.byol_transforms(32, MEAN, STD)
+    sol = [[s.p for s in t.transforms if isinstance(s, v2.RandomSolarize)] for t in (t1, t2)]
+    assert sol == [[0.0], [0.2]]
+
+
+def test_eval_transform_is_deterministic_center_crop():
+    t = data.eval_transform(32, MEAN, STD)
+    x = Image.new("RGB", (48, 64))
+    x.paste((255, 255, 255), (0, 0, 48, 4))  # a white band at the top, cut off by the centre crop
+    y = t(x)
+    assert y.shape == (3, 32, 32) and torch.equal(y, t(x))
+    assert torch.allclose(y, t(Image.new("RGB", (48, 64))))
+
+
+def test_sample_loads_as_folder():
+    train = data.build_dataset("folder", SAMPLE, "train")
+    test = data.build_dataset("folder", SAMPLE, "test", transform=data.eval_transform(32, MEAN, STD))
+    assert train.classes == CIFAR10_CLASSES == test.classes and data.num_classes(train) == 10
+    assert [train.targets.count(c) for c in range(10)] == [100] * 10
+    assert [test.targets.count(c) for c in range(10)] == [50] * 10
+    x, y = test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
+
+
+def test_sample_is_real_labeled_data():
+    def pixels(split):
+        ds = data.build_dataset("folder", SAMPLE, split, transform=v2.PILToTensor())
+        return torch.stack([x for x, _ in ds]).flatten(1).float(), torch.tensor(ds.targets)
+    (xtr, ytr), (xte, yte) = pixels("train"), pixels("test")
+    acc = (ytr[torch.cdist(xte, xtr).argmin(1)] == yte).float().mean().item()
+    assert acc > 0.18  # raw-pixel 1-NN: 0.256 on this sample (about 0.35 on all of CIFAR-10); chance is 0.10
+
+
+def test_val_folder_stands_in_for_test(tmp_path):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+    ds = data.build_dataset("folder", tmp_path, "test")
+    assert len(ds) == 2 and ds.classes == ["a", "b"] and Path(ds.root).name == "val"
+
+
+@pytest.mark.parametrize("layout, match", [
+    (None, r"does not exist: expected .*/train/<class>/\*\.jpg and .*/test/<class>/\*\.jpg \(or val/\)"),
+    (["train/a"], r"no test folder in .*: expected .*train/<class>/\*\.jpg"),
+    (["train", "test"], r"Couldn't find any class folder .*expected"),
+])
+def test_folder_errors(tmp_path, layout, match):
+    root = tmp_path / "data"
+    for d in layout or []:
+        (root / d).mkdir(parents=True)
+    with pytest.raises(data.DataError, match=match) as e:
+        data.build_dataset("folder", root, "test")
+    assert isinstance(e.value, SystemExit) and "\n" not in str(e.value)
+
+
+def test_torchvision_dataset_missing_without_download(tmp_path):
+    for name, split in [("cifar10", "train"), ("cifar100", "test"), ("stl10", "train+unlabeled")]:
+        with pytest.raises(data.DataError, match=rf"{name} not found in {tmp_path}: pass --download"):
+            data.build_dataset(name, tmp_path, split, download=False)
+
+
+def test_bad_name_or_split():
+    with pytest.raises(data.DataError, match="has no split 'unlabeled'"):
+        data.build_dataset("cifar10", "x", "unlabeled")
+    with pytest.raises(data.DataError, match="unknown dataset 'imagenet'"):
+        data.build_dataset("imagenet", "x", "train")
+
+
+def test_cli_prints_one_line_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--show", "simclr", "--data-dir",
+                        str(tmp_path / "nope"), "--out", str(tmp_path / "v.png")], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+def test_show_writes_a_grid(tmp_path):
+    out = tmp_path / "v.png"
+    data.show("swav", out, rows=3)
+    w, h = Image.open(out).size
+    assert (w, h) == (4 * (9 * 34 + 2), 4 * (3 * 34 + 2))  # 4x zoom of 9 columns x 3 rows of 32 px + 2 px gaps
+
+
+def test_loader_batches():
+    views = data.MultiView(data.simclr_transform(32, MEAN, STD), n=2)
+    train = data.build_loader(data.build_dataset("folder", SAMPLE, "train", views), 64, workers=0, train=True)
+    batches = list(train)
+    assert len(batches) == 1000 // 64 == 15  # the last 40 images dropped
+    (v1, v2_), y = batches[0]
+    assert v1.shape == v2_.shape == (64, 3, 32, 32) and y.shape == (64,)
+    assert all(b[1].shape == (64,) for b in batches)
+    assert len(set(y.tolist())) > 1  # shuffled: the tree is sorted by class
+    test = data.build_loader(data.build_dataset("folder", SAMPLE, "test", data.eval_transform(32, MEAN, STD)),
+                             64, workers=0, train=False)
+    ys = torch.cat([y for _, y in test])
+    assert len(ys) == 500 and torch.equal(ys, ys.sort().values)  # everything, in order
+
+
+def test_worker_augmentations_follow_the_main_seed():
+    # what --resume relies on: reseeding the main process reproduces an epoch, worker processes included
+    ds = data.build_dataset("folder", SAMPLE, "test", data.simclr_transform(32, MEAN, STD))
+    loader = data.build_loader(ds, 100, workers=1, train=True)
+
+    def epoch(seed):
+        torch.manual_seed(seed)
+        return torch.cat([x for x, _ in loader])
+
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    assert a.shape == (500, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_distributed_sampler_and_set_epoch(tmp_path):
+    ds = data.build_dataset("folder", SAMPLE, "test")
+    data.set_epoch(data.build_loader(ds, 10, workers=0, train=True), 1)  # no sampler with set_epoch: a no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        loader = data.build_loader(ds, 10, workers=0, train=True)
+        assert isinstance(loader.sampler, DistributedSampler) and loader.drop_last
+        first = list(loader.sampler)
+        data.set_epoch(loader, 1)
+        assert loader.sampler.epoch == 1 and list(loader.sampler) != first  # a new order each epoch
+        assert not isinstance(data.build_loader(ds, 10, workers=0, train=False).sampler, DistributedSampler)
+    finally:
+        dist.destroy_process_group()
