@@ -81,9 +81,16 @@ def _image_folder(data_dir, split, transform):
     if not sub:
         raise DataError(f"no {split} folder in {data_dir}: {expected}")
     try:  # the default loader opens with PIL and converts to RGB (grayscale and RGBA files included)
-        return torchvision.datasets.ImageFolder(sub[0], transform=transform)
+        ds = torchvision.datasets.ImageFolder(sub[0], transform=transform)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise DataError(f"{e} ({expected})") from None
+    if split != "train" and os.path.isdir(os.path.join(data_dir, "train")):
+        # labels are class-folder indices: another set of folders in test/ would silently shift them
+        train_classes = sorted(e.name for e in os.scandir(os.path.join(data_dir, "train")) if e.is_dir())
+        if ds.classes != train_classes:
+            raise DataError(f"{sub[0]} has classes {ds.classes}, but {data_dir}/train has {train_classes}: "
+                            f"both need the same class folders")
+    return ds
 
 
 def num_classes(dataset):
@@ -115,7 +122,7 @@ def simclr_transform(img_size, mean, std, strength=0.5):
     blur = [v2.RandomApply([v2.GaussianBlur(_blur_kernel(img_size), sigma=(0.1, 2.0))], p=0.5)]
     return v2.Compose([
         # area 8-100%, aspect ratio 3/4-4/3, resized bicubic (the reference code's crop_and_resize)
-        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation="bicubic"),
+        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
         v2.RandomHorizontalFlip(p=0.5),
         *_color_distortion(strength),
         *(blur if img_size >= 64 else []),
@@ -129,7 +136,7 @@ def byol_transforms(img_size, mean, std):
     pair. The blur kernel is 10% of the side, made odd: 23 px at 224 as in BYOL, 3 px at 32."""
     def view(blur_p, solarize_p):
         return v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation="bicubic"),  # Table 6: bicubic
+            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),  # Table 6: bicubic
             v2.RandomHorizontalFlip(p=0.5),
             v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
@@ -159,6 +166,12 @@ def multicrop_transform(img_size, mean, std, n_global=2, n_local=6, local_size=N
             *_to_normalized(mean, std),
         ])
     return MultiView([crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local)
+
+
+def finetune_transform(img_size, mean, std):
+    """Supervised fine-tuning: random resized crop (area 20-100%, MoCo v2's crop) and flip, nothing else."""
+    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(p=0.5),
+                       *_to_normalized(mean, std)])
 
 
 def eval_transform(img_size, mean, std):

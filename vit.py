@@ -27,8 +27,9 @@ import torch.nn.functional as F
 def sincos_pos_embed(embed_dim, grid_h, grid_w, temperature=10000.0, device=None):
     """Fixed 2-D sin-cos position embedding with a zero CLS slot: (1, 1 + grid_h * grid_w, D).
 
-    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with the frequencies of the original
-    Transformer (1 / 10000^(i / (D/4))), as in MoCo v3's vits.py.
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (x: column, y: row), with the
+    frequencies of the original Transformer (1 / 10000^(i / (D/4))): MoCo v3's vits.py / MAE's embedding,
+    up to which coordinate fills the first half of the channels.
     """
     assert embed_dim % 4 == 0, "the 2-D sin-cos embedding splits the width into 4 equal parts"
     d = embed_dim // 4
@@ -99,6 +100,10 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """pos_embed: "sincos" (fixed, recomputed exactly for other grids) or "learned" (trained, resampled
+    bicubically for other grids). Load timm/DeiT weights into pos_embed="learned": their position embedding
+    is learned, and a "sincos" model would ignore it for any grid other than the native one."""
+
     def __init__(self, *, img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
                  in_chans=3, pos_embed="sincos", freeze_patch_embed=False):
         super().__init__()
@@ -190,20 +195,28 @@ class VisionTransformer(nn.Module):
 
 # Presets: width / depth / heads from DeiT (Touvron et al. 2020, Table 1); vit_mini is this repo's CPU size
 # for tests and demos (ViT-Tiny's width and heads, half its depth).
+PRESETS = {
+    "vit_mini": dict(embed_dim=192, depth=6, num_heads=3),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
 def vit_mini(**kwargs):
-    return VisionTransformer(embed_dim=192, depth=6, num_heads=3, **kwargs)
+    return VisionTransformer(**PRESETS["vit_mini"], **kwargs)
 
 
 def vit_tiny(**kwargs):
-    return VisionTransformer(embed_dim=192, depth=12, num_heads=3, **kwargs)
+    return VisionTransformer(**PRESETS["vit_tiny"], **kwargs)
 
 
 def vit_small(**kwargs):
-    return VisionTransformer(embed_dim=384, depth=12, num_heads=6, **kwargs)
+    return VisionTransformer(**PRESETS["vit_small"], **kwargs)
 
 
 def vit_base(**kwargs):
-    return VisionTransformer(embed_dim=768, depth=12, num_heads=12, **kwargs)
+    return VisionTransformer(**PRESETS["vit_base"], **kwargs)
 
 
 ARCHS = {"vit_mini": vit_mini, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}

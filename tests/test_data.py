@@ -78,6 +78,13 @@ def test_solarize_only_on_byol_second_view():
     assert sol == [[0.0], [0.2]]
 
 
+def test_finetune_transform_is_random_and_normalized(img):
+    torch.manual_seed(0)
+    t = data.finetune_transform(32, MEAN, STD)
+    a, b = t(img), t(img)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and a.min() < 0 and not torch.equal(a, b)
+
+
 def test_eval_transform_is_deterministic_center_crop():
     t = data.eval_transform(32, MEAN, STD)
     x = Image.new("RGB", (48, 64))
@@ -113,6 +120,17 @@ def test_val_folder_stands_in_for_test(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
     ds = data.build_dataset("folder", tmp_path, "test")
     assert len(ds) == 2 and ds.classes == ["a", "b"] and Path(ds.root).name == "val"
+
+
+def test_test_classes_must_match_train(tmp_path):
+    # ImageFolder numbers classes by sorted folder name: a class missing from test/ would shift its labels
+    for split, classes in (("train", "abc"), ("test", "ac")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+    assert len(data.build_dataset("folder", tmp_path, "train")) == 3
+    with pytest.raises(data.DataError, match=r"has classes \['a', 'c'\], but .*/train has \['a', 'b', 'c'\]"):
+        data.build_dataset("folder", tmp_path, "test")
 
 
 @pytest.mark.parametrize("layout, match", [

@@ -1,0 +1,319 @@
+"""SimCLR: contrastive learning with in-batch negatives.
+
+Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020, https://arxiv.org/abs/2002.05709
+
+The method: two random augmentations of every image go through the same encoder (here a ViT, CLS token)
+and a small MLP projection head. The NT-Xent loss (Algorithm 1) asks each of the 2B views to pick out its
+partner among the other 2B-1 views of the batch: a (2B-1)-way softmax over cosine similarities / tau.
+After pretraining the head is thrown away and the backbone's CLS feature is the representation.
+Collapse (all embeddings equal) sits at loss ln(2B-1); the log's embed_std, the per-dimension std of the
+L2-normalized CLS feature over the batch, is 0 at collapse and at most 1/sqrt(D) (0.072 for D = 192).
+
+Run:
+    python simclr.py --dataset cifar10 --download --epochs 100       # one GPU, ViT-Tiny/4 on CIFAR-10
+    python simclr.py --dataset folder --data-dir tests/data_sample --arch vit_mini --patch-size 8 \
+        --epochs 3 --warmup-epochs 1 --batch-size 128 --out runs/simclr_demo   # offline CPU demo
+    torchrun --nproc_per_node=4 simclr.py --batch-size 1024 ...    # 4 GPUs; --batch-size is the total
+    python eval_linear.py --ckpt runs/simclr/checkpoint.pt          # k-NN + linear probe
+
+Differences from the paper:
+  - ViT (CLS token) on 32 px images instead of ResNet-50 at 224 px.
+  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, cosine decay.
+  - Batch 512 on one GPU instead of 4096; temperature 0.5, the paper's best for CIFAR-10 (Appendix B.9),
+    instead of 0.1 for ImageNet at batch 4096.
+  - No Gaussian blur on 32 px images, colour strength 0.5 (the paper's CIFAR-10 recipe, Appendix B.9).
+  - The head's last BatchNorm has no affine parameters (the paper's code keeps a scale, drops the bias).
+  - Global BN (SyncBatchNorm) only on CUDA: under torchrun on CPU each process normalizes its own batch.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn  # autograd-aware collectives: the all-gather that carries gradients
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import eval_linear
+import vit
+
+
+# ---- loss ----
+def nt_xent_loss(z1, z2, temperature, z1_all=None, z2_all=None, rank=0):
+    """NT-Xent, the normalized temperature-scaled cross-entropy of SimCLR's Algorithm 1.
+
+    z1, z2: (B, D) projections of the two views of this process's B images (normalized here).
+    z1_all, z2_all: (G, D) the same for all processes' images (gathered with gradient), None in one process;
+        the anchors are this process's 2B views, the candidates all 2G views, and `rank` says where this
+        process's images sit in the gathered batch. Mean over anchors of -log p(partner | anchor).
+    """
+    if z1_all is None:
+        z1_all, z2_all = z1, z2
+    B, G = z1.shape[0], z1_all.shape[0]
+    anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)                     # (2B, D)
+    candidates = F.normalize(torch.cat([z1_all, z2_all]).float(), dim=1)          # (2G, D)
+    logits = anchors @ candidates.T / temperature                                 # (2B, 2G)
+    idx = torch.arange(B, device=z1.device) + rank * B   # this process's images in the gathered batch
+    self_idx = torch.cat([idx, idx + G])                                          # (2B,) each anchor itself
+    partner_idx = torch.cat([idx + G, idx])                                       # (2B,) its other view
+    # an anchor is not its own negative: the paper's 1[k != i] in the denominator
+    logits[torch.arange(2 * B, device=z1.device), self_idx] = float("-inf")
+    return F.cross_entropy(logits, partner_idx)
+
+
+# ---- model ----
+class SimCLR(nn.Module):
+    def __init__(self, backbone, hidden_dim, out_dim):
+        super().__init__()
+        self.backbone = backbone
+        # projection head g(h) of §2.1 as in the paper's code: Linear-BN-ReLU-Linear-BN, output 128
+        self.head = nn.Sequential(
+            nn.Linear(backbone.embed_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
+        )
+
+    def forward(self, x):                                   # (B, C, H, W)
+        h = self.backbone(x)                                # (B, D) CLS feature, bf16 under autocast
+        with torch.autocast(x.device.type, enabled=False):  # BatchNorm statistics in fp32
+            z = self.head(h.float())                        # (B, out_dim)
+        return h, z
+
+
+# ---- helpers (written out in each method file on purpose: a diff between methods shows the papers' changes) ----
+def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0):
+    """Linear warmup from 0 to base_value, then half a cosine down to final_value."""
+    if step < warmup_steps:
+        return base_value * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms and tokens (as DeiT, DINO, MoCo v3)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            skip = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SimCLR pretraining of a ViT", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # shared flags (same names in every method file)
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"])
+    p.add_argument("--data-dir", default="data", help="dataset root; for 'folder' a tree with train/ and test/")
+    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/stl10 if missing")
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS))
+    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")
+    p.add_argument("--freeze-patch-embed", action="store_true",
+                   help="keep the random patch projection fixed (MoCo v3 §4.2 stability trick)")
+    p.add_argument("--epochs", type=int, default=100, help="paper: 100-1000 (CIFAR-10 up to 1000, App. B.9)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="total over all processes (paper: 4096 on ImageNet, 256-4096 on CIFAR-10)")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: LARS 0.3 * B/256)")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW decoupled decay (DeiT/DINO's 0.05; paper: 1e-6 with LARS)")
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10)")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    p.add_argument("--out", default="runs/simclr", help="folder for checkpoint.pt and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype on CUDA (fp16 adds a gradient scaler); CPU and MPS run in fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
+    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    # SimCLR's own
+    p.add_argument("--temperature", type=float, default=0.5,
+                   help="NT-Xent tau: 0.5 is the paper's best on CIFAR-10 (App. B.9); 0.1 for ImageNet, batch 4096")
+    p.add_argument("--hidden-dim", type=int, default=2048, help="projection head width (paper: 2048)")
+    p.add_argument("--out-dim", type=int, default=128, help="projection output (paper: 128)")
+    p.add_argument("--color-strength", type=float, default=0.5,
+                   help="colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR-10)")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+
+    # ---- setup: processes, device, precision ----
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun with several processes
+    if distributed:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if args.device not in (None, "cuda", "cpu"):
+            raise SystemExit(f"error: under torchrun --device is cuda or cpu (one GPU per process), not {args.device}")
+        if torch.cuda.is_available() and args.device != "cpu":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        rank, world = 0, 1
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
+                                              "mps" if torch.backends.mps.is_available() else "cpu"))
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.img_size % args.patch_size:
+        raise SystemExit(f"error: --img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    is_main = rank == 0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    use_amp = device.type == "cuda" and amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, or another --out")
+    if is_main:
+        print(json.dumps(vars(args)))
+    torch.manual_seed(args.seed)
+
+    # ---- data ----
+    mean, std = data.MEAN_STD[args.dataset]
+    train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
+    train_tf = data.MultiView(data.simclr_transform(args.img_size, mean, std, strength=args.color_strength), n=2)
+    train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
+    loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
+    if is_main and args.knn_every:
+        eval_tf = data.eval_transform(args.img_size, mean, std)
+        knn_train = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "train", eval_tf),
+                                      256, args.workers, train=False)
+        knn_test = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "test", eval_tf),
+                                     256, args.workers, train=False)
+
+    # ---- model ----
+    backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
+                                    freeze_patch_embed=args.freeze_patch_embed)
+    model = SimCLR(backbone, args.hidden_dim, args.out_dim).to(device)
+    ddp_model = model
+    if distributed:
+        if device.type == "cuda":  # the paper's global BN: batch statistics over all devices (§2.3)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (SyncBatchNorm is CUDA-only)
+        device_ids = None if device.index is None else [device.index]
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = torch.compile(ddp_model) if args.compile else ddp_model
+
+    # ---- optimizer ----
+    lr = args.lr * args.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as the paper
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
+    steps_per_epoch = len(loader)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    if warmup_steps > total_steps // 4:  # a short run (a demo, a test) would otherwise never leave warmup
+        warmup_steps = total_steps // 4
+        if is_main:
+            print(f"note: --warmup-epochs {args.warmup_epochs} is long for {args.epochs} epochs: "
+                  f"warming up for {warmup_steps} steps, a quarter of the run")
+
+    # ---- resume ----
+    start_epoch = 0
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("method") != "simclr" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
+            raise SystemExit(f"error: {ckpt_path} is not a simclr checkpoint of this repo "
+                             f"(method {ckpt.get('method')!r}, keys {sorted(ckpt)})")
+        # the run's recipe must be the same; what may change: length, machine, logging
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out"}
+        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+                   if k not in free and ckpt["args"].get(k) != v}
+        if changed:
+            diff = ", ".join(f"--{k.replace('_', '-')} {old} (now {new})" for k, (old, new) in changed.items())
+            raise SystemExit(f"error: --resume with other settings than {ckpt_path} was trained with: {diff}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["state"]["scaler"])
+        start_epoch = ckpt["epoch"]
+        if is_main:
+            print(f"resumed {ckpt_path} after epoch {start_epoch}")
+
+    # ---- train ----
+    for epoch in range(start_epoch, args.epochs):
+        # reseeding from (seed, epoch, rank) makes --resume exact without saving RNG states, also under torchrun
+        torch.manual_seed(args.seed + 1000 * epoch + rank)
+        data.set_epoch(loader, epoch)  # the DistributedSampler's shuffle under torchrun
+        ddp_model.train()
+        t0, seen, loss_sum, std_sum = time.time(), 0, 0.0, torch.zeros((), device=device)
+        bar = tqdm(loader, desc=f"simclr {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
+        for it, ((x1, x2), _) in enumerate(bar):
+            # schedules
+            step = epoch * steps_per_epoch + it
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_schedule(step, total_steps, warmup_steps, lr)
+            # views to device (copied from pinned memory, then joined), one forward for both views so BN
+            # sees 2B samples as in the paper's code
+            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])  # (2B, C, H, W)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                h, z = train_model(x)                                                 # (2B, D), (2B, out_dim)
+            z1, z2 = z.chunk(2)                                                       # (B, out_dim) each
+            if distributed:  # every process's views become negatives; the gather carries the gradient back
+                z1_all = torch.cat(torch.distributed.nn.all_gather(z1))              # (G, out_dim)
+                z2_all = torch.cat(torch.distributed.nn.all_gather(z2))
+                loss = nt_xent_loss(z1, z2, args.temperature, z1_all, z2_all, rank)
+            else:
+                loss = nt_xent_loss(z1, z2, args.temperature)
+            loss_value = loss.item()  # the one GPU sync per step: the NaN guard needs it
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"error: loss is {loss_value} at epoch {epoch + 1}, step {step}; stopping "
+                                 f"before it reaches {ckpt_path} (try a lower --lr or --precision fp32)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            # log: loss and the collapse monitor, the per-dimension std of the normalized CLS feature (the
+            # head's last BatchNorm forces unit variance on z, so z would look healthy even at collapse)
+            seen += x1.shape[0] * world
+            loss_sum += loss_value
+            std_sum += F.normalize(h.detach().float(), dim=1).std(dim=0).mean()
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.time() - t0):.0f}")
+
+        # ---- end of epoch: evaluate, checkpoint, log (main process only) ----
+        seconds = time.time() - t0
+        if is_main:
+            knn = None
+            if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device)
+            # no RNG state: each epoch reseeds from (seed, epoch, rank), so epoch and args pin it down
+            save_checkpoint(ckpt_path, {
+                "method": "simclr", "epoch": epoch + 1, "args": vars(args), "vit_kwargs": backbone.kwargs,
+                "backbone": backbone.state_dict(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "state": {"step": step + 1, "scaler": scaler.state_dict()},
+            })
+            log = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
+                   "knn_top1": knn, "embed_std": std_sum.item() / steps_per_epoch, "img_per_s": seen / seconds,
+                   "seconds": seconds}
+            print(json.dumps(log))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # after the checkpoint: no line twice
+                f.write(json.dumps(log) + "\n")
+    if distributed:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()

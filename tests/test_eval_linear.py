@@ -1,0 +1,244 @@
+"""eval_linear.py: the vectorized weighted k-NN against a slow per-sample loop written from InstDisc §3.4 /
+DINO's eval_knn.py (parametrized over sizes, k and temperature) and a hand-computed case where the weights
+overrule the majority; the linear probe near 100% on linearly separable features (arbitrary scale and
+offset) and at chance on random labels; fine-tuning learning a toy task without touching the caller's
+backbone; knn_eval restoring train/eval mode; load_backbone on a checkpoint in the DESIGN.md format
+(identical outputs), on timm VisionTransformer state dicts with a head (same features as timm's pre-logits)
+and on garbage (one-line SystemExit); and main() end to end on the shipped CIFAR-10 sample."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import data
+import eval_linear
+import vit
+
+SAMPLE = str(data.SAMPLE_DIR)
+
+
+# ---- weighted k-NN ----
+
+def slow_knn_scores(train, train_labels, test, num_classes, k, temperature):
+    """Per test sample, as the paper describes it: cosine similarity to every train sample, sort, keep the
+    k most similar, each adds exp(sim / T) to its class."""
+    scores = torch.zeros(len(test), num_classes, dtype=torch.float64)
+    for i, x in enumerate(test.double()):
+        sims = [(F.cosine_similarity(x, t.double(), dim=0).item(), int(y)) for t, y in zip(train, train_labels)]
+        sims.sort(key=lambda s: -s[0])
+        for sim, y in sims[:k]:
+            scores[i, y] += math.exp(sim / temperature)
+    return scores
+
+
+@pytest.mark.parametrize("n_train,n_test,dim,classes,k,temperature", [
+    (50, 7, 8, 3, 1, 0.07), (50, 7, 8, 3, 5, 0.5), (200, 33, 16, 10, 20, 0.07),
+    (120, 5, 4, 4, 10, 1.0), (9, 4, 6, 3, 20, 0.1),  # k > n_train: all train samples vote
+])
+def test_knn_matches_slow_loop(n_train, n_test, dim, classes, k, temperature):
+    g = torch.Generator().manual_seed(n_train + k)
+    train, test = torch.randn(n_train, dim, generator=g), torch.randn(n_test, dim, generator=g)
+    train_labels = torch.randint(classes, (n_train,), generator=g)
+    fast = eval_linear.knn_classify(train, train_labels, test, classes, k, temperature, chunk_size=3)
+    slow = slow_knn_scores(train, train_labels, test, classes, k, temperature)
+    torch.testing.assert_close(fast.double(), slow, rtol=1e-4, atol=1e-6)
+    # cosine: invariant to the scale of either side
+    torch.testing.assert_close(eval_linear.knn_classify(3 * train, train_labels, 0.5 * test, classes, k, temperature),
+                               fast, rtol=1e-4, atol=1e-6)
+
+
+def test_knn_hand_computed_weights_beat_the_majority():
+    # test point (1, 0); one class-1 neighbour at cos 1, two class-0 neighbours at cos 0.5, one far class-2 point
+    train = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.5, -math.sqrt(3) / 2], [-1.0, 0.0]])
+    labels = torch.tensor([1, 0, 0, 2])
+    test = torch.tensor([[2.0, 0.0]])
+    scores = eval_linear.knn_classify(train, labels, test, num_classes=3, k=3, temperature=0.1)
+    # class 1: e^(1/0.1) = 22026.5; class 0: 2 e^(0.5/0.1) = 296.8; class 2 is not among the 3 nearest
+    torch.testing.assert_close(scores, torch.tensor([[2 * math.exp(5.0), math.exp(10.0), 0.0]]))
+    assert eval_linear.knn_accuracy(train, labels, test, torch.tensor([1]), 3, k=3, temperature=0.1) == (100.0, 100.0)
+    # with a high temperature the weights flatten towards a majority vote: class 0 wins
+    assert eval_linear.knn_classify(train, labels, test, 3, k=3, temperature=100.0).argmax().item() == 0
+
+
+def test_knn_eval_restores_mode_and_separates_clusters():
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    # two classes of images with opposite constant colours: trivially separable in any feature space
+    x = torch.cat([torch.full((20, 3, 8, 8), 1.0), torch.full((20, 3, 8, 8), -1.0)]) + 0.1 * torch.randn(40, 3, 8, 8)
+    y = torch.cat([torch.zeros(20), torch.ones(20)]).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    for train_mode in (True, False):
+        model.train(train_mode)
+        assert eval_linear.knn_eval(model, loader, loader, "cpu", k=5) == 100.0
+        assert model.training == train_mode
+    feats, labels = eval_linear.extract_features(model, loader, "cpu")
+    assert feats.shape == (40, 32) and feats.dtype == torch.float32 and torch.equal(labels, y)
+    torch.testing.assert_close(feats, model.eval()(x))
+
+
+# ---- linear probe and fine-tuning ----
+
+def synthetic(n, dim=32, classes=10, seed=0):
+    """Labels from one fixed random linear classifier, keeping only points with a logit margin > 1: linearly
+    separable with a margin. Features far from standardized (x40, +7): the probe has to standardize."""
+    w = torch.randn(dim, classes, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(4 * n, dim, generator=torch.Generator().manual_seed(seed))
+    top2 = (x @ w).topk(2, dim=1)
+    keep = (top2.values[:, 0] - top2.values[:, 1] > 1.0).nonzero()[:n, 0]
+    assert len(keep) == n
+    return 40 * x[keep] + 7, top2.indices[keep, 0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_linear_probe_separable_and_random_labels(optimizer):
+    x_train, y_train = synthetic(3000, seed=0)
+    x_test, y_test = synthetic(1000, seed=1)
+    res = eval_linear.linear_probe(x_train, y_train, x_test, y_test, 10, epochs=50, optimizer=optimizer)
+    assert res["top1"] > 97 and res["top5"] > 99, res
+    # labels independent of the features: nothing generalizes, test accuracy is chance (10% +- 1% std)
+    g = torch.Generator().manual_seed(2)
+    res = eval_linear.linear_probe(x_train, torch.randint(10, (3000,), generator=g), x_test,
+                                   torch.randint(10, (1000,), generator=g), 10, epochs=50, optimizer=optimizer)
+    assert 5 < res["top1"] < 15 and 40 < res["top5"] < 60, res
+
+
+def test_finetune_learns_and_leaves_the_backbone_alone():
+    torch.manual_seed(0)
+    backbone = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    # class = which colour channel is bright
+    y = torch.arange(3).repeat(40)
+    x = 0.3 * torch.randn(120, 3, 8, 8) + F.one_hot(y, 3).float()[:, :, None, None]
+    loader = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)
+    res = eval_linear.finetune(backbone, loader, DataLoader(TensorDataset(x, y), batch_size=64), 3, epochs=5,
+                               lr=3e-3, device="cpu")
+    assert res["top1"] > 90 and res["top5"] == 100.0, res
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+# ---- load_backbone ----
+
+def design_checkpoint(path, vit_kwargs, args=None, seed=0):
+    """A checkpoint as every method writes it (DESIGN.md), with stand-ins for the method's own parts."""
+    torch.manual_seed(seed)
+    model = vit.VisionTransformer(**vit_kwargs)
+    head = torch.nn.Linear(model.embed_dim, 16)
+    torch.save({"method": "byol", "epoch": 7, "args": args or {"dataset": "folder", "data_dir": SAMPLE},
+                "vit_kwargs": model.kwargs, "backbone": model.state_dict(),
+                "model": {"projector." + k: v for k, v in head.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": []}, "state": {"step": 70}}, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kw", [dict(patch_size=8), dict(patch_size=4, pos_embed="learned", freeze_patch_embed=True)])
+def test_load_backbone_design_checkpoint(tmp_path, kw):
+    model = design_checkpoint(tmp_path / "checkpoint.pt", vit.vit_mini(img_size=32, **kw).kwargs)
+    loaded, meta = eval_linear.load_backbone(tmp_path / "checkpoint.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.kwargs == model.kwargs
+    assert (meta["method"], meta["epoch"], meta["pretrain_dataset"]) == ("byol", 7, "folder")
+    assert meta["arch"] == f"vit_mini/{kw['patch_size']} @32px"
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict"])
+def test_load_backbone_timm_state_dict(tmp_path, wrap):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    ref = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2,
+                                     num_classes=10).eval()
+    sd = ref.state_dict()
+    assert "head.weight" in sd
+    torch.save({"plain": sd, "model": {"model": sd, "epoch": 300}, "state_dict": {"state_dict": sd}}[wrap],
+               tmp_path / "deit.pth")
+    ours, meta = eval_linear.load_backbone(tmp_path / "deit.pth")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref.forward_head(ref.forward_features(x), pre_logits=True)  # CLS after the final norm
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+    assert ours.kwargs["pos_embed"] == "learned" and ours.num_heads == 2
+    assert meta["arch"] == "ViT-D128-L2-H2/8 @32px" and meta["method"] == "deit"
+
+
+def test_load_backbone_timm_num_heads_override(tmp_path):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    ref = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=1, num_heads=4,
+                                     num_classes=0).eval()
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    ours, _ = eval_linear.load_backbone(tmp_path / "w.pth", num_heads=4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.forward_features(x)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_load_backbone_bad_files(tmp_path):
+    def message(path):
+        with pytest.raises(SystemExit) as e:
+            eval_linear.load_backbone(path)
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+        return e.value.code
+
+    assert "not found" in message(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint" * 10)
+    assert "not a checkpoint readable with torch.load" in message(tmp_path / "garbage.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    assert "expected a dict" in message(tmp_path / "list.pt")
+    torch.save({"epoch": 3, "weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert "expected a checkpoint of this repo" in message(tmp_path / "other.pt")
+    model = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    sd = model.state_dict()
+    del sd["norm.bias"]
+    torch.save({"method": "moco", "epoch": 1, "vit_kwargs": model.kwargs, "backbone": sd}, tmp_path / "broken.pt")
+    assert "do not fit" in message(tmp_path / "broken.pt") and "norm.bias" in message(tmp_path / "broken.pt")
+
+
+# ---- main, end to end on the shipped sample ----
+
+def test_main_random_init(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    rows = eval_linear.main(["--random-init", "--arch", "vit_mini", "--patch-size", "8", "--dataset", "folder",
+                             "--data-dir", SAMPLE, "--workers", "0", "--probe-epochs", "20",
+                             "--results", str(results)])
+    out = capsys.readouterr().out
+    assert "| method | epochs | arch | eval data | k-NN top-1 | linear top-1 | linear top-5 |" in out
+    assert "| random init | 0 | vit_mini/8 @32px | folder:data_sample |" in out
+    line = json.loads(results.read_text())  # exactly one line
+    assert line == rows[0]
+    assert (line["num_train"], line["num_test"]) == (len(data.build_dataset("folder", SAMPLE, "train")),
+                                                     len(data.build_dataset("folder", SAMPLE, "test")))
+    assert 15 < line["knn_top1"] <= line["knn_top5"] and 15 < line["linear_top1"] <= line["linear_top5"]
+
+
+def test_main_checkpoint_with_baseline_and_finetune(tmp_path, capsys):
+    # a small non-preset ViT; the checkpoint is the same network --random-init --seed 0 builds, so both rows match
+    kw = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).kwargs
+    design_checkpoint(tmp_path / "checkpoint.pt", kw, seed=0)
+    results = tmp_path / "results.jsonl"
+    rows = eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--random-init", "--workers", "0",
+                             "--probe-epochs", "10", "--finetune", "--finetune-epochs", "1", "--batch-size", "128",
+                             "--results", str(results)])
+    out = capsys.readouterr().out
+    assert "| finetune top-1 |" in out and "| byol | 7 | ViT-D64-L2-H2/8 @32px | folder:data_sample |" in out
+    lines = [json.loads(s) for s in results.read_text().splitlines()]
+    assert [r["method"] for r in lines] == ["random init", "byol"] and lines == rows
+    assert lines[1]["dataset"] == "folder" and lines[1]["data_dir"] == SAMPLE and not lines[1]["transfer"]
+    for key in ("knn_top1", "linear_top1", "linear_top5", "finetune_top1"):
+        assert lines[0][key] == lines[1][key], key
+    assert lines[1]["finetune_top1"] is not None
+
+
+def test_main_transfer_and_usage_errors(tmp_path, capsys):
+    kw = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2).kwargs
+    design_checkpoint(tmp_path / "c.pt", kw, args={"dataset": "cifar10", "data_dir": str(tmp_path / "nowhere")})
+    rows = eval_linear.main(["--ckpt", str(tmp_path / "c.pt"), "--dataset", "folder", "--data-dir", SAMPLE,
+                             "--workers", "0", "--no-probe", "--img-size", "16"])  # 16 px: a 2x2 patch grid
+    assert rows[0]["transfer"] and rows[0]["eval_data"] == "folder:data_sample (transfer)"
+    assert rows[0]["img_size"] == 16 and rows[0]["linear_top1"] is None
+    assert "| byol | 7 | ViT-D64-L1-H2/8 @32px | folder:data_sample (transfer) |" in capsys.readouterr().out
+    for argv, msg in [([], "nothing to evaluate"), (["--random-init"], "needs --arch"),
+                      (["--random-init", "--arch", "vit_mini", "--dataset", "folder"], "needs --data-dir")]:
+        with pytest.raises(SystemExit, match=msg):
+            eval_linear.main(argv)
