@@ -351,7 +351,8 @@ def get_args_parser():
     g.add_argument("--seed", type=int, default=0,
                    help="seeds --random-init, the probe and fine-tuning (default: %(default)s)")
     g.add_argument("--results", default=None, metavar="FILE.jsonl",
-                   help="append one JSON line per evaluated model (all numbers, settings, the command)")
+                   help="append one JSON line per evaluated model (all numbers, settings, the command) to "
+                        "this file, e.g. runs/results.jsonl to collect every evaluation; off if not given")
     return p
 
 
