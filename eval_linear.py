@@ -388,14 +388,14 @@ def main(argv=None):
     # ---- models ----
     models = [load_backbone(path, args.num_heads) for path in args.ckpt]         # [(backbone, meta)]
     if args.random_init:
+        torch.manual_seed(args.seed)
         if args.arch is not None:
-            kw = vit.ARCHS[args.arch](img_size=args.img_size or 32, patch_size=args.patch_size).kwargs
+            backbone = vit.ARCHS[args.arch](img_size=args.img_size or 32, patch_size=args.patch_size).eval()
         elif models:
-            kw = models[0][1]["vit_kwargs"]
+            backbone = vit.VisionTransformer(**models[0][1]["vit_kwargs"]).eval()
         else:
             raise SystemExit("--random-init needs --arch (or a --ckpt whose architecture it copies)")
-        torch.manual_seed(args.seed)
-        backbone = vit.VisionTransformer(**kw).eval()
+        kw = backbone.kwargs
         models.insert(0, (backbone, {"method": "random init", "epoch": 0, "arch": describe_arch(kw),
                                      "vit_kwargs": kw, "pretrain_dataset": None, "pretrain_data_dir": None,
                                      "ckpt": None}))
