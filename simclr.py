@@ -219,10 +219,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
     steps_per_epoch = len(loader)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    if warmup_steps > total_steps // 4:  # a short run (a demo, a test) would otherwise never leave warmup
+    if warmup_steps > total_steps // 2:  # a short run (a demo, a test) would otherwise barely leave warmup
         warmup_steps = total_steps // 4
         if is_main:
-            print(f"note: --warmup-epochs {args.warmup_epochs} is long for {args.epochs} epochs: "
+            print(f"note: --warmup-epochs {args.warmup_epochs} is more than half of {args.epochs} epochs: "
                   f"warming up for {warmup_steps} steps, a quarter of the run")
 
     # ---- resume ----
