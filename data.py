@@ -86,7 +86,7 @@ def _image_folder(data_dir, split, transform):
         raise DataError(f"{e} ({expected})") from None
     if split != "train" and os.path.isdir(os.path.join(data_dir, "train")):
         # labels are class-folder indices: another set of folders in test/ would silently shift them
-        train_classes = sorted(e.name for e in os.scandir(os.path.join(data_dir, "train")) if e.is_dir())
+        train_classes = ds.find_classes(os.path.join(data_dir, "train"))[0]  # ImageFolder's own rule
         if ds.classes != train_classes:
             raise DataError(f"{sub[0]} has classes {ds.classes}, but {data_dir}/train has {train_classes}: "
                             f"both need the same class folders")
@@ -136,7 +136,8 @@ def byol_transforms(img_size, mean, std):
     pair. The blur kernel is 10% of the side, made odd: 23 px at 224 as in BYOL, 3 px at 32."""
     def view(blur_p, solarize_p):
         return v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),  # Table 6: bicubic
+            # Table 6: bicubic resize
+            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(p=0.5),
             v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),

@@ -100,12 +100,11 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
 def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07):
     """k-NN top-1 (percent) of `backbone`'s CLS features: what the training scripts log every --knn-every epochs.
 
-    The loaders should be un-augmented (data.eval_transform) and unshuffled; the backbone's mode is restored.
+    The loaders should be un-augmented (data.eval_transform) and unshuffled; extract_features restores the
+    backbone's train/eval mode.
     """
-    was_training = backbone.training
     train_feats, train_labels = extract_features(backbone, train_loader, device)
     test_feats, test_labels = extract_features(backbone, test_loader, device)
-    backbone.train(was_training)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)[0]
 

@@ -169,8 +169,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     else:
         rank, world = 0, 1
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
-                                              "mps" if torch.backends.mps.is_available() else "cpu"))
+        device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.img_size % args.patch_size:
