@@ -6,7 +6,8 @@
 - One transform builder per paper, literal values in the paper's order, each naming its table or section.
   A transform maps a PIL image to a normalized float tensor (3, H, W); `MultiView` turns transforms into
   the list of views a method trains on, which the default collate stacks into a list of (B, 3, H, W).
-- `build_loader(dataset, batch_size, workers, train)`: shuffling, drop_last and the DistributedSampler.
+- `build_loader(dataset, batch_size, workers, train, seed)`: per-image augmentation seeds, the shuffle
+  (a DistributedSampler, one replica in one process), drop_last; `set_epoch(loader, epoch)` every epoch.
 
 Images are augmented as PIL images: at CIFAR's 32 px the PIL kernels beat the same torchvision.transforms.v2
 ops on uint8 tensors (which spend their time in per-op overhead, hue above all) by about 1.2x on one core;
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torchvision
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shipped CIFAR-10 sample, 1000/500
@@ -36,13 +37,14 @@ class DataError(SystemExit):
 
 
 # Per-channel mean and std of the training pixels, in [0, 1] units.
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # what timm / DeiT weights expect
 MEAN_STD = {
     # over the 50k training images of the official binary release (the often copied (0.2023, 0.1994, 0.2010)
     # is the mean of per-image stds, not the pixel std)
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),  # 50k CIFAR-100 training images
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),  # commonly quoted, labeled train split
-    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, the usual default for any images
+    "folder": IMAGENET_MEAN_STD,  # the usual default for any images
 }
 
 
@@ -196,24 +198,69 @@ class MultiView:
 
 # ---- loaders ----
 
-def build_loader(dataset, batch_size, workers, train):
-    """batch_size is per process. train: shuffled, last partial batch dropped (a loss over a short batch
-    has other negatives and statistics). Under torch.distributed the train loader shards through a
-    DistributedSampler, which shuffles with a seed that the loop must advance every epoch:
-    set_epoch(loader, epoch). Eval loaders are not sharded: every rank sees the whole set, in order."""
-    sampler = None
-    if train and dist.is_available() and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=True, drop_last=True)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=train)
-    # Workers are not persistent: each epoch's workers take their seeds from the main process's RNG, which
-    # the training scripts reseed per epoch, so an epoch's augmentations (and --resume) are reproducible.
+class SeededViews(Dataset):
+    """dataset[i] with its random augmentations drawn from a generator seeded by (seed, epoch, i).
+
+    The views of an image then depend on nothing else: not on the number of loader workers (each of which
+    would otherwise draw from its own stream), not on the number of processes, not on the order. So an epoch
+    is the same after `--resume`, with other `--workers`, and under torchrun as in one process.
+    """
+
+    def __init__(self, dataset, seed=0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        # unique for epoch < 1e6 and i < 1e9; seeds apart by 1e15 do not share streams
+        sample_seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i) % 2 ** 63
+        with torch.random.fork_rng(devices=[]):  # leave the caller's CPU RNG where it was (workers=0)
+            torch.manual_seed(sample_seed)
+            return self.dataset[i]
+
+
+class Shard(Sampler):
+    """Indices rank, rank + world, ... of a dataset, in order, no padding: the evaluation loaders' share of
+    one process under torch.distributed (the features are gathered afterwards)."""
+
+    def __init__(self, n, rank, world):
+        self.indices = range(rank, n, world)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def build_loader(dataset, batch_size, workers, train, seed=0):
+    """batch_size is per process.
+
+    train: views seeded per image (SeededViews), the order shuffled by a DistributedSampler (with one
+    replica in a single process) seeded by `seed`; the loop must call set_epoch(loader, epoch) every
+    epoch, or every epoch repeats the first one's order and views. The last partial batch is dropped (a
+    loss over a short batch has other negatives and statistics).
+    eval (train=False): in order, everything; under torch.distributed each process gets its Shard.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if train:
+        dataset = SeededViews(dataset, seed)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+    else:
+        sampler = Shard(len(dataset), rank, world) if distributed else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=train)
 
 
 def set_epoch(loader, epoch):
-    """Reseed the DistributedSampler's shuffle for this epoch (without it every epoch has the same order)."""
-    if hasattr(loader.sampler, "set_epoch"):
+    """Advance a training loader of build_loader to `epoch`: the sampler's shuffle and the per-image
+    augmentation seeds (without it every epoch repeats the first). A no-op on other loaders."""
+    if isinstance(loader.dataset, SeededViews):
         loader.sampler.set_epoch(epoch)
+        loader.dataset.epoch = epoch
 
 
 # ---- python data.py --show ----

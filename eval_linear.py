@@ -31,8 +31,10 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
@@ -61,9 +63,10 @@ def extract_features(model, loader, device):
 
 
 def accuracy(scores, labels):
-    """(top-1, top-5) in percent of class scores (M, C) against labels (M,); top-5 is top-C when C < 5."""
-    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices                   # (M, 5)
-    correct = top5 == labels[:, None]                                             # (M, 5)
+    """(top-1, top-5) in percent of class scores (M, C) against labels (M,); top-5 is top-C when C < 5.
+    A class scored -inf (k-NN: no neighbour voted for it) is never counted, not even among the top 5."""
+    top_scores, top5 = scores.topk(min(5, scores.shape[1]), dim=1)               # (M, 5) each
+    correct = (top5 == labels[:, None]) & (top_scores > float("-inf"))            # (M, 5)
     n = max(1, labels.shape[0])
     return 100.0 * correct[:, 0].sum().item() / n, 100.0 * correct.any(1).sum().item() / n
 
@@ -75,20 +78,24 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, tempe
     """Class scores (M, C) of the weighted cosine k-NN (InstDisc §3.4, DINO eval_knn.py).
 
     For each test feature: cosine similarity s_i to all N train features, keep the k largest, and add
-    exp(s_i / T) to the score of neighbour i's class. Predicted class = argmax of the scores. Test rows are
-    processed `chunk_size` at a time, so memory is chunk_size x N (10k x 50k on CIFAR would be 2 GB at once).
+    exp(s_i / T) to the score of neighbour i's class. Predicted class = argmax of the scores. A class that no
+    neighbour voted for scores -inf, so it is never ranked (not in the top 5 either, whatever its index:
+    DINO's eval_knn leaves it at 0 and lets topk break the tie by label index). Test rows are processed
+    `chunk_size` at a time, so memory is chunk_size x N (10k x 50k on CIFAR would be 2 GB at once).
     """
     train = F.normalize(train_feats.float(), dim=1)                              # (N, D)
     test = F.normalize(test_feats.float(), dim=1)                                # (M, D)
     train_labels = train_labels.to(train.device)
     k = min(k, train.shape[0])
     scores = torch.zeros(test.shape[0], num_classes, device=train.device)       # (M, C)
+    votes = torch.zeros(test.shape[0], num_classes, device=train.device)        # (M, C) neighbours per class
     for i in range(0, test.shape[0], chunk_size):
         sim = test[i:i + chunk_size] @ train.T                                    # (b, N) cosine similarities
         top_sim, top_idx = sim.topk(k, dim=1)                                     # (b, k) nearest neighbours
         weights = (top_sim / temperature).exp()                                   # (b, k) exp(s / T) <= e^(1/T)
         scores[i:i + chunk_size].scatter_add_(1, train_labels[top_idx], weights)  # sum of weights per class
-    return scores
+        votes[i:i + chunk_size].scatter_add_(1, train_labels[top_idx], torch.ones_like(weights))
+    return scores.masked_fill(votes == 0, float("-inf"))
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, temperature=0.07):
@@ -97,14 +104,34 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
     return accuracy(scores, test_labels.to(scores.device))
 
 
+def gather_features(feats, labels):
+    """Under torch.distributed: every process's (feats, labels) shard, concatenated, on every process (shards
+    may differ in length by one; they are padded for all_gather, which needs equal shapes). Else a no-op."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return feats, labels
+    n = torch.tensor([len(labels)], device=feats.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(sizes))
+    out = []
+    for t in (feats, labels.to(feats.device)):
+        padded = torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        out.append(torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]))
+    return out[0], out[1]
+
+
 def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07):
     """k-NN top-1 (percent) of `backbone`'s CLS features: what the training scripts log every --knn-every epochs.
 
     The loaders should be un-augmented (data.eval_transform) and unshuffled; extract_features restores the
-    backbone's train/eval mode.
+    backbone's train/eval mode. Under torch.distributed every process must call it: each extracts the
+    features of its data.Shard of the images, the shards are gathered, and every process returns the same
+    accuracy (no process idles in a collective while another extracts 60,000 images alone).
     """
-    train_feats, train_labels = extract_features(backbone, train_loader, device)
-    test_feats, test_labels = extract_features(backbone, test_loader, device)
+    train_feats, train_labels = gather_features(*extract_features(backbone, train_loader, device))
+    test_feats, test_labels = gather_features(*extract_features(backbone, test_loader, device))
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)[0]
 
@@ -170,19 +197,39 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
     return {"top1": top1, "top5": top5}
 
 
-def finetune(backbone, train_loader, test_loader, num_classes, epochs, lr, device, weight_decay=0.05):
-    """Fine-tune a copy of `backbone` + a linear head end to end; returns dict(top1, top5) on `test_loader`.
+def stratified_split(labels, fraction, seed=0):
+    """(train indices, validation indices): `fraction` of each class held out, drawn with `seed`. Settings
+    (the probe's learning rate, say) are chosen on the validation part, so the test split is looked at once,
+    for the number that gets reported."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(fraction * len(idx))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
 
-    AdamW (weight decay 0.05 on weights, none on norms, biases, CLS token and position embedding, as DeiT/MAE),
-    linear warmup over the first 5% of steps then cosine (MAE's FINETUNE.md: 5 of 100 epochs), bf16 on CUDA.
-    Parameters frozen in the backbone (the sin-cos position embedding, a frozen patch projection) stay frozen.
-    The caller's backbone is not modified. `train_loader` should augment (random resized crop + flip).
+
+def finetune(backbone, train_loader, test_loader, num_classes, epochs, lr, device, weight_decay=0.05):
+    """Fine-tune a copy of `backbone` + a linear head end to end.
+
+    Returns (dict(top1, top5) on `test_loader`, the fine-tuned nn.Sequential(backbone, head)).
+    Every weight trains, the patch projection too where pretraining froze it (MoCo v3 §4.2 freezes it for
+    pretraining only); a sin-cos position embedding stays the fixed function it is. AdamW (weight decay 0.05
+    on weights, none on norms, biases, CLS token and position embedding, as DeiT/MAE), linear warmup over
+    the first 5% of steps then cosine (MAE's FINETUNE.md: 5 of 100 epochs), bf16 on CUDA. The caller's
+    backbone is not modified. `train_loader` should augment (random resized crop + flip).
     """
     device = torch.device(device)
     head = nn.Linear(backbone.embed_dim, num_classes)
     nn.init.zeros_(head.weight)                      # zero-init head, as timm's ViT: starts at uniform logits
     nn.init.zeros_(head.bias)
     model = nn.Sequential(copy.deepcopy(backbone), head).to(device)
+    model[0].patch_embed.requires_grad_(True)
+    model[0].pos_embed.requires_grad_(model[0].kwargs["pos_embed"] == "learned")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -194,6 +241,7 @@ def finetune(backbone, train_loader, test_loader, num_classes, epochs, lr, devic
     step = 0
     for epoch in range(epochs):
         model.train()
+        data.set_epoch(train_loader, epoch)  # a new order and new augmentations every epoch
         bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         for images, labels in bar:
             for group in opt.param_groups:
@@ -212,7 +260,7 @@ def finetune(backbone, train_loader, test_loader, num_classes, epochs, lr, devic
     # the fine-tuned network's logits, read with the same code as features (eval mode, autocast, fp32)
     logits, labels = extract_features(model, test_loader, device)                # (M, C), (M,)
     top1, top5 = accuracy(logits, labels)
-    return {"top1": top1, "top5": top5}
+    return {"top1": top1, "top5": top5}, model
 
 
 # ---- checkpoints ----
@@ -252,7 +300,8 @@ def load_backbone(path, num_heads=None):
     plain timm / DeiT ViT state dicts (optionally under "model" or "state_dict", "module." prefixes and the
     classification "head.*" dropped); for those the architecture is read off the tensor shapes, with a learned
     position embedding and `num_heads` = width // 64 unless given. Anything else exits with a one-line message.
-    meta: method, epoch, arch, vit_kwargs, pretrain_dataset, pretrain_data_dir, ckpt.
+    meta: method, epoch, arch, vit_kwargs, pretrain_dataset, pretrain_data_dir, ckpt, and mean_std: the
+    input normalization it was trained with (its pretraining dataset's; ImageNet's for timm / DeiT weights).
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -271,7 +320,8 @@ def load_backbone(path, num_heads=None):
         vit_kwargs, sd = dict(ckpt["vit_kwargs"]), ckpt["backbone"]
         args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
         meta = {"method": ckpt.get("method", "?"), "epoch": ckpt.get("epoch"),
-                "pretrain_dataset": args.get("dataset"), "pretrain_data_dir": args.get("data_dir")}
+                "pretrain_dataset": args.get("dataset"), "pretrain_data_dir": args.get("data_dir"),
+                "mean_std": data.MEAN_STD.get(args.get("dataset"))}  # what its pixels were normalized with
     else:                                                                         # (b) a timm / DeiT state dict
         sd = ckpt
         for wrapper in ("model", "state_dict"):
@@ -281,7 +331,7 @@ def load_backbone(path, num_heads=None):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         vit_kwargs = _timm_vit_kwargs(sd, path, num_heads)
         meta = {"method": os.path.splitext(os.path.basename(path))[0], "epoch": None,
-                "pretrain_dataset": None, "pretrain_data_dir": None}
+                "pretrain_dataset": None, "pretrain_data_dir": None, "mean_std": data.IMAGENET_MEAN_STD}
     try:
         model = vit.VisionTransformer(**vit_kwargs)
         model.load_state_dict(sd, strict=True)
@@ -335,20 +385,25 @@ def get_args_parser():
     g.add_argument("--probe-optimizer", choices=sorted(PROBE_LR), default="sgd",
                    help="linear-probe optimizer; sgd has momentum 0.9 as DINO (default: %(default)s)")
     g.add_argument("--probe-lr", type=float, default=None,
-                   help=f"linear-probe peak learning rate, cosine to 0 (default: {PROBE_LR})")
+                   help=f"linear-probe peak learning rate, cosine to 0 (default: {PROBE_LR}, chosen on a 10%% "
+                        "validation split of CIFAR-10 train, never on test: benchmarks/probe_lr.py)")
     g.add_argument("--probe-weight-decay", type=float, default=0.0,
                    help="linear-probe weight decay (default: %(default)s, as DINO)")
     g.add_argument("--finetune", action="store_true", help="also fine-tune the whole network (slow)")
     g.add_argument("--finetune-epochs", type=int, default=100,
                    help="fine-tuning epochs (default: %(default)s, as MAE)")
     g.add_argument("--finetune-lr", type=float, default=5e-4,
-                   help="fine-tuning peak AdamW learning rate for --batch-size 256 (MAE's base lr 5e-4); "
-                        "scale linearly with the batch")
+                   help="fine-tuning peak AdamW learning rate per 256 images (MAE's base lr 5e-4): the run uses "
+                        "finetune-lr * batch-size / 256")
+    g.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="hold out a fraction F of every class of the train split (--seed) and report accuracy on "
+                        "it instead of the test split: choose probe or fine-tuning settings with this, then "
+                        "report the test number once")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto",
                    help="auto (cuda, then mps, then cpu) or a torch device like cuda:1 (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0,
-                   help="seeds --random-init, the probe and fine-tuning (default: %(default)s)")
+                   help="seeds --random-init, the probe, fine-tuning and --val-fraction (default: %(default)s)")
     g.add_argument("--results", default=None, metavar="FILE.jsonl",
                    help="append one JSON line per evaluated model (all numbers, settings, the command) to "
                         "this file, e.g. runs/results.jsonl to collect every evaluation; off if not given")
@@ -397,7 +452,7 @@ def main(argv=None):
         kw = backbone.kwargs
         models.insert(0, (backbone, {"method": "random init", "epoch": 0, "arch": describe_arch(kw),
                                      "vit_kwargs": kw, "pretrain_dataset": None, "pretrain_data_dir": None,
-                                     "ckpt": None}))
+                                     "mean_std": None, "ckpt": None}))
 
     # ---- data ----
     first = next((m for _, m in models if m["ckpt"] is not None), {})
@@ -408,32 +463,42 @@ def main(argv=None):
         raise SystemExit("which data? give --dataset (and --data-dir); no checkpoint names its pretraining data")
     if data_dir is None and dataset == "folder":
         raise SystemExit("--dataset folder needs --data-dir <dir with train/<class>/*.jpg and test/<class>/*.jpg>")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise SystemExit(f"--val-fraction {args.val_fraction}: give a fraction between 0 and 1, like 0.1")
     data_dir = data_dir or "data"  # torchvision's datasets: where --download puts them
     eval_data = f"folder:{os.path.basename(os.path.normpath(data_dir))}" if dataset == "folder" else dataset
-    mean, std = data.MEAN_STD[dataset]
-    loaders = {}  # img_size -> (train, test, train-augmented or None, num_classes): models may differ in size
+    eval_data += f" (val {args.val_fraction:g} of train)" if args.val_fraction else ""
+    loaders = {}  # (img_size, normalization) -> (train, test, train-augmented or None, num_classes)
 
-    def get_loaders(img_size):
-        if img_size not in loaders:
-            tf = data.eval_transform(img_size, mean, std)
+    def get_loaders(img_size, mean_std):
+        if (img_size, mean_std) not in loaders:
+            tf = data.eval_transform(img_size, *mean_std)
             train_set = data.build_dataset(dataset, data_dir, "train", transform=tf, download=args.download)
             test_set = data.build_dataset(dataset, data_dir, "test", transform=tf, download=args.download)
-            aug = None
+            num_classes = data.num_classes(train_set)
+            aug_set = None
             if args.finetune:
-                aug_tf = data.finetune_transform(img_size, mean, std)
-                aug = data.build_loader(data.build_dataset(dataset, data_dir, "train", transform=aug_tf),
-                                        args.batch_size, args.workers, train=True)
-            loaders[img_size] = (data.build_loader(train_set, args.batch_size, args.workers, train=False),
-                                 data.build_loader(test_set, args.batch_size, args.workers, train=False),
-                                 aug, data.num_classes(train_set))
-        return loaders[img_size]
+                aug_set = data.build_dataset(dataset, data_dir, "train",
+                                             transform=data.finetune_transform(img_size, *mean_std))
+            if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
+                labels = getattr(train_set, "targets", None) or train_set.labels
+                train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
+                train_set, test_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
+                aug_set = aug_set and Subset(aug_set, train_idx)
+            aug = aug_set and data.build_loader(aug_set, args.batch_size, args.workers, train=True, seed=args.seed)
+            loaders[img_size, mean_std] = (data.build_loader(train_set, args.batch_size, args.workers, train=False),
+                                           data.build_loader(test_set, args.batch_size, args.workers, train=False),
+                                           aug, num_classes)
+        return loaders[img_size, mean_std]
 
     # ---- evaluate ----
     rows = []
     for backbone, meta in models:
         t0 = time.time()
         img_size = args.img_size or meta["vit_kwargs"]["img_size"]
-        train_loader, test_loader, aug_loader, num_classes = get_loaders(img_size)
+        # the pixels normalized as in pretraining (ImageNet's for timm weights), else as the evaluation data
+        mean_std = tuple(map(tuple, meta["mean_std"] or data.MEAN_STD[dataset]))
+        train_loader, test_loader, aug_loader, num_classes = get_loaders(img_size, mean_std)
         backbone.to(device)
         train_feats, train_labels = extract_features(backbone, train_loader, device)   # (N, D), (N,)
         test_feats, test_labels = extract_features(backbone, test_loader, device)      # (M, D), (M,)
@@ -444,11 +509,11 @@ def main(argv=None):
             probe = linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes,
                                  epochs=args.probe_epochs, lr=args.probe_lr, optimizer=args.probe_optimizer,
                                  weight_decay=args.probe_weight_decay, seed=args.seed)
-        ft = {"top1": None, "top5": None}
+        ft, finetune_lr = {"top1": None, "top5": None}, args.finetune_lr * args.batch_size / 256
         if args.finetune:
             torch.manual_seed(args.seed)
-            ft = finetune(backbone, aug_loader, test_loader, num_classes, args.finetune_epochs, args.finetune_lr,
-                          device)
+            ft, _ = finetune(backbone, aug_loader, test_loader, num_classes, args.finetune_epochs, finetune_lr,
+                             device)
         backbone.cpu()
         same_data = meta["pretrain_dataset"] == dataset and (dataset != "folder" or os.path.realpath(
             str(meta["pretrain_data_dir"])) == os.path.realpath(data_dir))
@@ -457,7 +522,8 @@ def main(argv=None):
                "vit_kwargs": meta["vit_kwargs"], "pretrain_dataset": meta["pretrain_dataset"],
                "dataset": dataset, "data_dir": data_dir,
                "eval_data": eval_data + (" (transfer)" if transfer else ""),
-               "transfer": transfer, "img_size": img_size, "num_train": len(train_labels),
+               "transfer": transfer, "img_size": img_size, "normalization": {"mean": list(mean_std[0]), "std": list(mean_std[1])},
+               "val_fraction": args.val_fraction, "num_train": len(train_labels),
                "num_test": len(test_labels), "knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
                "knn_top1": knn_top1, "knn_top5": knn_top5, "linear_top1": probe["top1"],
                "linear_top5": probe["top5"],
@@ -465,7 +531,7 @@ def main(argv=None):
                                                     "lr": args.probe_lr or PROBE_LR[args.probe_optimizer],
                                                     "weight_decay": args.probe_weight_decay},
                "finetune_top1": ft["top1"], "finetune_top5": ft["top5"],
-               "finetune": {"epochs": args.finetune_epochs, "lr": args.finetune_lr} if args.finetune else None,
+               "finetune": {"epochs": args.finetune_epochs, "lr": finetune_lr} if args.finetune else None,
                "seed": args.seed, "device": str(device), "seconds": round(time.time() - t0, 1),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "command": "python eval_linear.py " + " ".join(sys.argv[1:] if argv is None else argv)}

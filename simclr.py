@@ -151,6 +151,69 @@ def get_args_parser():
     return p
 
 
+def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, epoch, args):
+    """One epoch of SimCLR's Algorithm 1, step by step. `model` is the SimCLR module, `train_model` the same
+    wrapped for the run (DistributedDataParallel, torch.compile) or itself. Returns the epoch's averages."""
+    device = next(model.parameters()).device
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    use_amp = device.type == "cuda" and amp_dtype is not None
+    model.train()
+    data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
+    t0, seen, loss_sum, std_sum = time.time(), 0, 0.0, 0.0
+    bar = tqdm(loader, desc=f"simclr {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
+    for it, ((x1, x2), _) in enumerate(bar):
+        # 1. schedule: the learning rate of this global step
+        step = epoch * len(loader) + it
+        for group in optimizer.param_groups:
+            group["lr"] = lr_schedule(step)
+
+        # 2. the two augmented views, in one forward so BN sees 2B samples as in the paper's code
+        x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])  # (2B, C, H, W)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            h, z = train_model(x)                                                 # (2B, D), (2B, out_dim)
+        z1, z2 = z.chunk(2)                                                       # (B, out_dim) each
+
+        # 3. NT-Xent: each view against every view of the global batch
+        if distributed:  # every process's views become negatives; the gather carries the gradient back
+            z1_all = torch.cat(torch.distributed.nn.all_gather(z1))              # (G, out_dim)
+            z2_all = torch.cat(torch.distributed.nn.all_gather(z2))
+            loss = nt_xent_loss(z1, z2, args.temperature, z1_all, z2_all, rank)
+        else:
+            loss = nt_xent_loss(z1, z2, args.temperature)
+
+        # 4. backward, clip, step; a non-finite loss or gradient stops the run before it reaches a checkpoint
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
+        loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # the step's one sync
+        # (an fp16 gradient scaler skips overflowing steps itself: there an inf gradient is routine)
+        for name, value in (("loss", loss_value), ("gradient norm", None if scaler.is_enabled() else grad_value)):
+            if value is not None and not math.isfinite(value):
+                raise SystemExit(f"error: {name} is {value} at epoch {epoch + 1}, step {step}; stopping before "
+                                 f"it reaches a checkpoint (try a lower --lr, or --precision fp32)")
+        scaler.step(optimizer)
+        scaler.update()
+
+        # 5. log: loss and the collapse monitor, the per-dimension std of the normalized CLS feature (the
+        # head's last BatchNorm forces unit variance on z, so z would look healthy even at collapse)
+        seen += x1.shape[0] * world
+        loss_sum += loss_value
+        std_sum += F.normalize(h.detach().float(), dim=1).std(dim=0).mean().item()
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f"{seen / (time.time() - t0):.0f}")
+
+    means = torch.tensor([loss_sum, std_sum], device=device) / len(loader)
+    if distributed:  # each process saw its share of the global batch: average over processes
+        dist.all_reduce(means)
+        means /= world
+    seconds = time.time() - t0
+    return {"loss": means[0].item(), "lr": optimizer.param_groups[0]["lr"], "embed_std": means[1].item(),
+            "img_per_s": seen / seconds, "seconds": seconds}
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
 
@@ -175,26 +238,24 @@ def main(argv=None):
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    use_amp = device.type == "cuda" and amp_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, or another --out")
     if is_main:
         print(json.dumps(vars(args)))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the model's init; the data seeds itself from --seed (data.build_loader)
 
     # ---- data ----
     mean, std = data.MEAN_STD[args.dataset]
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
     train_tf = data.MultiView(data.simclr_transform(args.img_size, mean, std, strength=args.color_strength), n=2)
     train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True)
+    loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
-    if is_main and args.knn_every:
+    if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
         eval_tf = data.eval_transform(args.img_size, mean, std)
         knn_train = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "train", eval_tf),
                                       256, args.workers, train=False)
@@ -213,16 +274,20 @@ def main(argv=None):
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     train_model = torch.compile(ddp_model) if args.compile else ddp_model
 
-    # ---- optimizer ----
+    # ---- optimizer and schedule ----
     lr = args.lr * args.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as the paper
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
-    steps_per_epoch = len(loader)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    if warmup_steps > total_steps // 2:  # a short run (a demo, a test) would otherwise barely leave warmup
-        warmup_steps = total_steps // 4
-        if is_main:
-            print(f"note: --warmup-epochs {args.warmup_epochs} is more than half of {args.epochs} epochs: "
-                  f"warming up for {warmup_steps} steps, a quarter of the run")
+
+    def lr_schedule_for(epochs):
+        total_steps, warmup_steps = epochs * len(loader), args.warmup_epochs * len(loader)
+        if warmup_steps > total_steps // 2:  # a short run (a demo, a test) would otherwise barely leave warmup
+            warmup_steps = total_steps // 4
+        return lambda step: cosine_schedule(step, total_steps, warmup_steps, lr)
+
+    lr_schedule = lr_schedule_for(args.epochs)
+    if args.warmup_epochs * 2 > args.epochs and is_main:
+        print(f"note: --warmup-epochs {args.warmup_epochs} is more than half of {args.epochs} epochs: "
+              f"warming up for a quarter of the run instead")
 
     # ---- resume ----
     start_epoch = 0
@@ -242,70 +307,34 @@ def main(argv=None):
             raise SystemExit(f"error: --resume with other settings than {ckpt_path} was trained with: {diff}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["state"]["scaler"])
+        if ckpt["state"]["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["state"]["scaler"])
+        elif scaler.is_enabled() and is_main:  # written on CPU or in bf16/fp32: there was no loss scale to save
+            print("note: the checkpoint holds no fp16 loss scale (it was written without one): starting afresh")
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
+            if old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
+                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is stretched to "
+                      f"{args.epochs} epochs; the lr of step {step} goes from "
+                      f"{lr_schedule_for(old_epochs)(step):.3g} to {lr_schedule(step):.3g}")
 
     # ---- train ----
     for epoch in range(start_epoch, args.epochs):
-        # reseeding from (seed, epoch, rank) makes --resume exact without saving RNG states, also under torchrun
-        torch.manual_seed(args.seed + 1000 * epoch + rank)
-        data.set_epoch(loader, epoch)  # the DistributedSampler's shuffle under torchrun
-        ddp_model.train()
-        t0, seen, loss_sum, std_sum = time.time(), 0, 0.0, torch.zeros((), device=device)
-        bar = tqdm(loader, desc=f"simclr {epoch + 1}/{args.epochs}", disable=not is_main, dynamic_ncols=True)
-        for it, ((x1, x2), _) in enumerate(bar):
-            # schedules
-            step = epoch * steps_per_epoch + it
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_schedule(step, total_steps, warmup_steps, lr)
-            # views to device (copied from pinned memory, then joined), one forward for both views so BN
-            # sees 2B samples as in the paper's code
-            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])  # (2B, C, H, W)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                h, z = train_model(x)                                                 # (2B, D), (2B, out_dim)
-            z1, z2 = z.chunk(2)                                                       # (B, out_dim) each
-            if distributed:  # every process's views become negatives; the gather carries the gradient back
-                z1_all = torch.cat(torch.distributed.nn.all_gather(z1))              # (G, out_dim)
-                z2_all = torch.cat(torch.distributed.nn.all_gather(z2))
-                loss = nt_xent_loss(z1, z2, args.temperature, z1_all, z2_all, rank)
-            else:
-                loss = nt_xent_loss(z1, z2, args.temperature)
-            loss_value = loss.item()  # the one GPU sync per step: the NaN guard needs it
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"error: loss is {loss_value} at epoch {epoch + 1}, step {step}; stopping "
-                                 f"before it reaches {ckpt_path} (try a lower --lr or --precision fp32)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            # log: loss and the collapse monitor, the per-dimension std of the normalized CLS feature (the
-            # head's last BatchNorm forces unit variance on z, so z would look healthy even at collapse)
-            seen += x1.shape[0] * world
-            loss_sum += loss_value
-            std_sum += F.normalize(h.detach().float(), dim=1).std(dim=0).mean()
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen / (time.time() - t0):.0f}")
-
-        # ---- end of epoch: evaluate, checkpoint, log (main process only) ----
-        seconds = time.time() - t0
+        stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, epoch, args)
+        knn = None
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device)  # every process takes part
         if is_main:
-            knn = None
-            if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device)
-            # no RNG state: each epoch reseeds from (seed, epoch, rank), so epoch and args pin it down
+            # no RNG state: the views are seeded by (seed, epoch, image), the order by (seed, epoch)
             save_checkpoint(ckpt_path, {
                 "method": "simclr", "epoch": epoch + 1, "args": vars(args), "vit_kwargs": backbone.kwargs,
                 "backbone": backbone.state_dict(), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "state": {"step": step + 1, "scaler": scaler.state_dict()},
+                "optimizer": optimizer.state_dict(),
+                "state": {"step": (epoch + 1) * len(loader), "scaler": scaler.state_dict()},
             })
-            log = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
-                   "knn_top1": knn, "embed_std": std_sum.item() / steps_per_epoch, "img_per_s": seen / seconds,
-                   "seconds": seconds}
+            log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
             print(json.dumps(log))
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")

@@ -6,8 +6,14 @@
   and it is real labeled data (a raw-pixel nearest neighbour beats chance by far);
 - missing or malformed data raises DataError (a SystemExit) with a one-line message saying what to do,
   and `python data.py` prints that line without a traceback;
-- build_loader: drop_last, shuffling, batch shapes, and the DistributedSampler with set_epoch.
+- build_loader: drop_last, shuffling, batch shapes, the DistributedSampler (one replica in one process) with
+  set_epoch and the seed, eval shards under torch.distributed; views that depend on (seed, epoch, image) only;
+- every method's crop, flip, colour jitter, grayscale and solarization measured on images against the papers'
+  values (crop boxes read off a coordinate image, colour factors off uniform images).
 """
+import colorsys
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +23,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
@@ -189,29 +196,145 @@ def test_loader_batches():
     assert len(ys) == 500 and torch.equal(ys, ys.sort().values)  # everything, in order
 
 
-def test_worker_augmentations_follow_the_main_seed():
-    # what --resume relies on: reseeding the main process reproduces an epoch, worker processes included
+def test_views_depend_on_seed_epoch_and_image_only():
+    """Catches augmentations that change with the number of loader workers (--resume and torchrun would then
+    see other views), or that repeat across epochs or seeds."""
     ds = data.build_dataset("folder", SAMPLE, "test", data.simclr_transform(32, MEAN, STD))
-    loader = data.build_loader(ds, 100, workers=1, train=True)
 
-    def epoch(seed):
-        torch.manual_seed(seed)
+    def epoch(workers, epoch=0, seed=0):
+        loader = data.build_loader(ds, 100, workers=workers, train=True, seed=seed)
+        data.set_epoch(loader, epoch)
         return torch.cat([x for x, _ in loader])
 
-    a, b, c = epoch(0), epoch(0), epoch(1)
-    assert a.shape == (500, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    a = epoch(0)
+    assert a.shape == (500, 3, 32, 32) and torch.equal(a, epoch(2))
+    assert not torch.equal(a, epoch(0, epoch=1)) and not torch.equal(a, epoch(0, seed=1))
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    data.SeededViews(ds)[0]                # drawing views in this process leaves its random stream alone
+    assert torch.equal(torch.rand(3), before)
 
 
-def test_distributed_sampler_and_set_epoch(tmp_path):
+def test_distributed_sampler_shards_and_reshuffles(tmp_path):
+    """Catches a train loader that does not shard under torch.distributed, repeats its order every epoch, or
+    ignores the seed; and eval loaders that are not split over processes."""
     ds = data.build_dataset("folder", SAMPLE, "test")
-    data.set_epoch(data.build_loader(ds, 10, workers=0, train=True), 1)  # no sampler with set_epoch: a no-op
+    one = data.build_loader(ds, 10, workers=0, train=True)  # one process: a DistributedSampler of one replica
+    first = list(one.sampler)
+    data.set_epoch(one, 1)
+    assert sorted(first) == list(range(500)) and list(one.sampler) != first
+    assert first != list(data.build_loader(ds, 10, workers=0, train=True, seed=1).sampler)
+    assert data.build_loader(ds, 10, workers=0, train=False).sampler.__class__.__name__ == "SequentialSampler"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         loader = data.build_loader(ds, 10, workers=0, train=True)
         assert isinstance(loader.sampler, DistributedSampler) and loader.drop_last
-        first = list(loader.sampler)
-        data.set_epoch(loader, 1)
-        assert loader.sampler.epoch == 1 and list(loader.sampler) != first  # a new order each epoch
-        assert not isinstance(data.build_loader(ds, 10, workers=0, train=False).sampler, DistributedSampler)
+        assert isinstance(data.build_loader(ds, 10, workers=0, train=False).sampler, data.Shard)
     finally:
         dist.destroy_process_group()
+    shards = [list(data.Shard(7, r, 2)) for r in range(2)]
+    assert shards == [[0, 2, 4, 6], [1, 3, 5]]
+
+
+# ---- augmentations, measured on images against the papers' values ----
+
+PAPER = {  # crop area and aspect ranges, flip p, jitter (brightness and hue strength, p), grayscale p, solarize p
+    # SimCLR App. A with colour strength s = 0.5 for CIFAR-10 (App. B.9): jitter 0.8s / 0.2s for hue, p 0.8
+    "simclr": dict(scale=(0.08, 1.0), flip=0.5, brightness=0.4, hue=0.1, jitter_p=0.8, gray_p=0.2, solarize_p=0.0),
+    # BYOL Table 6: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 (p 0.8), grayscale 0.2, solarize 0 / 0.2
+    "byol_1": dict(scale=(0.08, 1.0), flip=0.5, brightness=0.4, hue=0.1, jitter_p=0.8, gray_p=0.2, solarize_p=0.0),
+    "byol_2": dict(scale=(0.08, 1.0), flip=0.5, brightness=0.4, hue=0.1, jitter_p=0.8, gray_p=0.2, solarize_p=0.2),
+    # SwAV §3.2 / main_swav.py: global crops (0.14, 1), small crops (0.05, 0.14), SimCLR's distortion at s = 1
+    "swav_global": dict(scale=(0.14, 1.0), flip=0.5, brightness=0.8, hue=0.2, jitter_p=0.8, gray_p=0.2,
+                        solarize_p=0.0),
+    "swav_small": dict(scale=(0.05, 0.14), flip=0.5, brightness=0.8, hue=0.2, jitter_p=0.8, gray_p=0.2,
+                       solarize_p=0.0),
+}
+
+
+def paper_transform(name):
+    byol = data.byol_transforms(32, MEAN, STD)
+    crops = data.multicrop_transform(32, MEAN, STD).transforms
+    return {"simclr": data.simclr_transform(32, MEAN, STD), "byol_1": byol[0], "byol_2": byol[1],
+            "swav_global": crops[0], "swav_small": crops[-1]}[name]
+
+
+def unnormalize(x):
+    return x * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+
+
+def inception_crop_mean_area(scale, ratio=(3 / 4, 4 / 3), n=20000):
+    """Mean area of the Inception-style random crop (Szegedy et al. 2015, as SimCLR App. A describes it): area
+    uniform in `scale`, log aspect uniform in `ratio`, redrawn (up to 10 times) until the box fits the image,
+    else the whole image. Largest crops often do not fit, so the mean is below the middle of `scale`."""
+    rng, total = random.Random(0), 0.0
+    for _ in range(n):
+        for _ in range(10):
+            area, aspect = rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if w <= 1 and h <= 1:
+                break
+        else:
+            area = 1.0
+        total += area
+    return total / n
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_crop_and_flip_statistics(name):
+    """Catches a crop scale or flip that is not the paper's (e.g. crops of (0.5, 1), no flip): crop boxes
+    read off a coordinate image (pixel value = its x or y position) through the transform's geometric ops."""
+    want = PAPER[name]
+    t = paper_transform(name)
+    geometric = v2.Compose([op for op in t.transforms if isinstance(op, (v2.RandomResizedCrop,
+                                                                          v2.RandomHorizontalFlip))])
+    side = 256
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    image = tv_tensors.Image(torch.stack([xs, ys, torch.zeros_like(xs)]))
+    torch.manual_seed(0)
+    areas, aspects, flips = [], [], []
+    for _ in range(1000):
+        out = geometric(image)                                       # (3, s, s), s the crop's output side
+        s = out.shape[-1]
+        w = (out[0].amax() - out[0].amin()).item() * s / (s - 1)     # crop width / image width
+        h = (out[1].amax() - out[1].amin()).item() * s / (s - 1)
+        areas.append(w * h)
+        aspects.append(w / h)
+        flips.append(out[0, 0, 0] > out[0, 0, -1])
+    areas, aspects = torch.tensor(areas), torch.tensor(aspects)
+    lo, hi = want["scale"]
+    assert lo - 0.02 < areas.min() < lo + 0.02 and hi - 0.05 < areas.max() < hi + 0.02, (areas.min(), areas.max())
+    assert abs(areas.mean().item() - inception_crop_mean_area(want["scale"])) < 0.03 * hi, areas.mean()
+    assert 0.72 < aspects.min() < 0.78 and 1.28 < aspects.max() < 1.38  # (3/4, 4/3), the default ratio
+    assert abs(sum(flips) / len(flips) - want["flip"]) < 0.05
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_colour_statistics(name):
+    """Catches a colour jitter weaker or stronger than the paper's (e.g. half of it), or another probability
+    of jitter, grayscale or solarization: measured on uniform images, which crop, flip and blur leave alone."""
+    want = PAPER[name]
+    t = paper_transform(name)
+    torch.manual_seed(0)
+    grey = [unnormalize(t(Image.new("RGB", (8, 8), (128, 128, 128))))[0, 0, 0].item() for _ in range(1000)]
+    # grey: contrast, saturation and hue leave it; brightness b in [1 - s, 1 + s] scales it
+    factors = torch.tensor(grey) / (128 / 255)
+    assert abs(factors.min().item() - (1 - want["brightness"])) < 0.03, factors.min()
+    assert abs(factors.max().item() - (1 + want["brightness"])) < 0.03, factors.max()
+    untouched = (factors - 1).abs().lt(0.004).float().mean().item()  # jitter not applied (p 0.8): 20%
+    assert abs(untouched - (1 - want["jitter_p"])) < 0.04, untouched
+    # dark red: hue shifts of up to the hue strength (in turns of the colour wheel), grayscale makes r = g = b;
+    # dark enough that BYOL's solarization (of values >= 0.5), which would turn the hue, never applies
+    red = [unnormalize(t(Image.new("RGB", (8, 8), (80, 20, 16))))[:, 0, 0].tolist() for _ in range(1000)]
+    gray = [abs(r - g) < 1e-3 and abs(g - b) < 1e-3 for r, g, b in red]
+    assert abs(sum(gray) / len(gray) - want["gray_p"]) < 0.04
+    base_hue = colorsys.rgb_to_hsv(80 / 255, 20 / 255, 16 / 255)[0]
+    shifts = [(colorsys.rgb_to_hsv(*map(lambda v: min(max(v, 0), 1), rgb))[0] - base_hue + 0.5) % 1 - 0.5
+              for rgb, g in zip(red, gray) if not g]
+    # (PIL turns hue in 1/256 steps, coarse for the weakly saturated colours of strong jitter: 10% + 0.01)
+    assert abs(max(map(abs, shifts)) - want["hue"]) < 0.1 * want["hue"] + 0.01, max(map(abs, shifts))
+    # bright grey (230): never below 0.5 after brightness 0.6 (0.54), always below 0.5 once solarized
+    bright = [unnormalize(t(Image.new("RGB", (8, 8), (230, 230, 230))))[0, 0, 0].item() for _ in range(1000)]
+    if want["brightness"] < 0.45:
+        assert abs(sum(v < 0.5 for v in bright) / len(bright) - want["solarize_p"]) < 0.04

@@ -1,16 +1,18 @@
 """eval_linear.py: the vectorized weighted k-NN against a slow per-sample loop written from InstDisc §3.4 /
-DINO's eval_knn.py (parametrized over sizes, k and temperature) and a hand-computed case where the weights
-overrule the majority; the linear probe near 100% on linearly separable features (arbitrary scale and
-offset) and at chance on random labels; fine-tuning learning a toy task without touching the caller's
-backbone; knn_eval restoring train/eval mode; load_backbone on a checkpoint in the DESIGN.md format
-(identical outputs), on timm VisionTransformer state dicts with a head (same features as timm's pre-logits)
-and on garbage (one-line SystemExit); and main() end to end on the shipped CIFAR-10 sample."""
+DINO's eval_knn.py and hand-computed cases (weights overrule the majority; no credit for a class nobody voted
+for); the linear probe on separable features, on random labels, and standardized with the train statistics
+only; fine-tuning that trains every weight and leaves the caller's backbone alone; the k-NN of two gloo
+processes equal to one; load_backbone on this repo's checkpoints, timm state dicts and garbage; main() on
+folders where train and test relate in a known way (same colours: 100%; swapped colours: 0%), with the
+pretraining normalization, a validation split that never touches test, and on the shipped CIFAR-10 sample."""
 import json
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import data
@@ -25,12 +27,12 @@ SAMPLE = str(data.SAMPLE_DIR)
 def slow_knn_scores(train, train_labels, test, num_classes, k, temperature):
     """Per test sample, as the paper describes it: cosine similarity to every train sample, sort, keep the
     k most similar, each adds exp(sim / T) to its class."""
-    scores = torch.zeros(len(test), num_classes, dtype=torch.float64)
+    scores = torch.full((len(test), num_classes), float("-inf"), dtype=torch.float64)  # -inf: no vote
     for i, x in enumerate(test.double()):
         sims = [(F.cosine_similarity(x, t.double(), dim=0).item(), int(y)) for t, y in zip(train, train_labels)]
         sims.sort(key=lambda s: -s[0])
         for sim, y in sims[:k]:
-            scores[i, y] += math.exp(sim / temperature)
+            scores[i, y] = max(scores[i, y], 0) + math.exp(sim / temperature)
     return scores
 
 
@@ -39,6 +41,7 @@ def slow_knn_scores(train, train_labels, test, num_classes, k, temperature):
     (120, 5, 4, 4, 10, 1.0), (9, 4, 6, 3, 20, 0.1),  # k > n_train: all train samples vote
 ])
 def test_knn_matches_slow_loop(n_train, n_test, dim, classes, k, temperature):
+    """Catches a wrong similarity, neighbour count, weight exp(s/T) or class accumulation in knn_classify."""
     g = torch.Generator().manual_seed(n_train + k)
     train, test = torch.randn(n_train, dim, generator=g), torch.randn(n_test, dim, generator=g)
     train_labels = torch.randint(classes, (n_train,), generator=g)
@@ -51,19 +54,31 @@ def test_knn_matches_slow_loop(n_train, n_test, dim, classes, k, temperature):
 
 
 def test_knn_hand_computed_weights_beat_the_majority():
+    """Catches uniform votes (a majority vote) instead of the exp(s / T) weights."""
     # test point (1, 0); one class-1 neighbour at cos 1, two class-0 neighbours at cos 0.5, one far class-2 point
     train = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.5, -math.sqrt(3) / 2], [-1.0, 0.0]])
     labels = torch.tensor([1, 0, 0, 2])
     test = torch.tensor([[2.0, 0.0]])
     scores = eval_linear.knn_classify(train, labels, test, num_classes=3, k=3, temperature=0.1)
     # class 1: e^(1/0.1) = 22026.5; class 0: 2 e^(0.5/0.1) = 296.8; class 2 is not among the 3 nearest
-    torch.testing.assert_close(scores, torch.tensor([[2 * math.exp(5.0), math.exp(10.0), 0.0]]))
+    torch.testing.assert_close(scores, torch.tensor([[2 * math.exp(5.0), math.exp(10.0), float("-inf")]]))
     assert eval_linear.knn_accuracy(train, labels, test, torch.tensor([1]), 3, k=3, temperature=0.1) == (100.0, 100.0)
     # with a high temperature the weights flatten towards a majority vote: class 0 wins
     assert eval_linear.knn_classify(train, labels, test, 3, k=3, temperature=100.0).argmax().item() == 0
 
 
+def test_knn_top5_gives_no_credit_to_classes_without_a_vote():
+    """Catches a top-5 that counts a class no neighbour voted for (ties among zero scores broken by index)."""
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([5, 5, 6])                  # 10 classes; 0-4 and 7-9 never occur in train
+    test = torch.tensor([[1.0, 0.05], [1.0, 0.0]])
+    # k=2: both neighbours are class 5; test labels 0 (lowest index: topk's tie-break favours it) and 5
+    top1, top5 = eval_linear.knn_accuracy(train, labels, test, torch.tensor([0, 5]), 10, k=2)
+    assert (top1, top5) == (50.0, 50.0)
+
+
 def test_knn_eval_restores_mode_and_separates_clusters():
+    """Catches knn_eval leaving the backbone in eval mode, or features that lose the image-label pairing."""
     torch.manual_seed(0)
     model = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
     # two classes of images with opposite constant colours: trivially separable in any feature space
@@ -94,6 +109,8 @@ def synthetic(n, dim=32, classes=10, seed=0):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_linear_probe_separable_and_random_labels(optimizer):
+    """Catches a probe that cannot fit separable features at any scale, or that leaks labels (random labels
+    must stay at chance)."""
     x_train, y_train = synthetic(3000, seed=0)
     x_test, y_test = synthetic(1000, seed=1)
     res = eval_linear.linear_probe(x_train, y_train, x_test, y_test, 10, epochs=50, optimizer=optimizer)
@@ -105,18 +122,69 @@ def test_linear_probe_separable_and_random_labels(optimizer):
     assert 5 < res["top1"] < 15 and 40 < res["top5"] < 60, res
 
 
-def test_finetune_learns_and_leaves_the_backbone_alone():
+def test_linear_probe_standardizes_with_train_statistics_only():
+    """Catches a probe that standardizes the test features with the test set's own mean and std."""
+    # 1-D features: class 0 at -1, class 1 at +1 (train mean 0, std 1); the test points are all class 1, at
+    # 0.5 and 1.5: with the train statistics all are on the class-1 side; standardized by their own mean (1)
+    # and std (0.5) half of them would land at -1, in class 0
+    x_train = torch.tensor([-1.0, 1.0]).repeat(200)[:, None]
+    y_train = torch.tensor([0, 1]).repeat(200)
+    x_test = torch.tensor([0.5, 1.5]).repeat(50)[:, None]
+    res = eval_linear.linear_probe(x_train, y_train, x_test, torch.ones(100, dtype=torch.long), 2, epochs=20)
+    assert res["top1"] == 100.0, res
+
+
+def test_finetune_trains_every_weight_and_leaves_the_backbone_alone():
+    """Catches fine-tuning that trains only the head (a frozen backbone, or the patch projection left frozen
+    as pretraining had it), or that modifies the caller's backbone."""
     torch.manual_seed(0)
-    backbone = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    backbone = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                     freeze_patch_embed=True)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     # class = which colour channel is bright
     y = torch.arange(3).repeat(40)
     x = 0.3 * torch.randn(120, 3, 8, 8) + F.one_hot(y, 3).float()[:, :, None, None]
     loader = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)
-    res = eval_linear.finetune(backbone, loader, DataLoader(TensorDataset(x, y), batch_size=64), 3, epochs=5,
-                               lr=3e-3, device="cpu")
+    res, tuned = eval_linear.finetune(backbone, loader, DataLoader(TensorDataset(x, y), batch_size=64), 3,
+                                      epochs=5, lr=3e-3, device="cpu")
     assert res["top1"] > 90 and res["top5"] == 100.0, res
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    for name, p in tuned[0].named_parameters():
+        assert name == "pos_embed" or not torch.equal(p.cpu(), before[name]), f"{name} did not train"
+    assert torch.equal(tuned[0].pos_embed.cpu(), before["pos_embed"])  # the sin-cos table is a fixed function
+
+
+def _gather_worker(rank, world, port, x, y, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    loader = data.build_loader(TensorDataset(x, y), 8, 0, train=False)
+    out[rank] = {"shard": len(loader.sampler), "feats": eval_linear.gather_features(
+        *eval_linear.extract_features(model, loader, "cpu")), "knn": eval_linear.knn_eval(model, loader, loader, "cpu", k=3)}
+    dist.destroy_process_group()
+
+
+def test_knn_of_two_processes_equals_one():
+    """Catches a sharded k-NN monitor that gathers only its own shard, drops or pads images, or makes every
+    process extract everything."""
+    import torch.multiprocessing as mp
+    from common import free_port
+    torch.manual_seed(1)
+    x, y = torch.randn(37, 3, 8, 8), torch.randint(3, (37,))  # 37: shards of 19 and 18
+    out = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(2, free_port(), x, y, out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    feats, labels = eval_linear.extract_features(model, loader, "cpu")
+    assert (out[0]["shard"], out[1]["shard"]) == (19, 18)
+    for r in range(2):
+        got_feats, got_labels = out[r]["feats"]
+        order = torch.cat([torch.arange(0, 37, 2), torch.arange(1, 37, 2)])  # rank 0's images, then rank 1's
+        torch.testing.assert_close(got_feats, feats[order])
+        assert torch.equal(got_labels, labels[order])
+        assert out[r]["knn"] == eval_linear.knn_eval(model, loader, loader, "cpu", k=3)
 
 
 # ---- load_backbone ----
@@ -195,9 +263,53 @@ def test_load_backbone_bad_files(tmp_path):
     assert "do not fit" in message(tmp_path / "broken.pt") and "norm.bias" in message(tmp_path / "broken.pt")
 
 
-# ---- main, end to end on the shipped sample ----
+# ---- main, end to end ----
+
+def colour_folder(root, swap_test=False, n=12):
+    """train/{blue,red}/: noisy blue or red 32 px images; test/ the same, or with the colours swapped (red
+    images filed under blue/): data where train and test relate in a known way."""
+    g = torch.Generator().manual_seed(0)
+    colours = {"blue": (40, 60, 200), "red": (200, 50, 40)}
+    for split in ("train", "test"):
+        for cls, rgb in colours.items():
+            if split == "test" and swap_test:
+                rgb = colours["red" if cls == "blue" else "blue"]
+            os.makedirs(root / split / cls)
+            for i in range(n):
+                pixels = torch.tensor(rgb) + torch.randint(-30, 31, (32, 32, 3), generator=g)
+                Image.fromarray(pixels.clamp(0, 255).byte().numpy()).save(root / split / cls / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_main_scores_the_test_split(tmp_path, swap):
+    """Catches k-NN or probe scored on the training features (swapped test colours must score 0, not 100)."""
+    folder = colour_folder(tmp_path / "colours", swap_test=swap)
+    kw = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).kwargs
+    design_checkpoint(tmp_path / "checkpoint.pt", kw, args={"dataset": "folder", "data_dir": folder}, seed=1)
+    rows = eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--random-init", "--workers", "0",
+                             "--probe-epochs", "20"])
+    expected = 0.0 if swap else 100.0
+    for r in rows:
+        assert (r["knn_top1"], r["linear_top1"], r["num_train"], r["num_test"]) == (expected, expected, 24, 24), r
+
+
+def test_main_val_fraction_never_touches_test(tmp_path):
+    """Catches a --val-fraction that still scores the test split, or a split that is not stratified."""
+    folder = colour_folder(tmp_path / "colours", swap_test=True)  # test would score 0
+    rows = eval_linear.main(["--random-init", "--arch", "vit_mini", "--patch-size", "8", "--dataset", "folder",
+                             "--data-dir", folder, "--workers", "0", "--probe-epochs", "20", "--val-fraction", "0.25"])
+    r = rows[0]
+    assert (r["num_train"], r["num_test"]) == (18, 6) and r["eval_data"] == "folder:colours (val 0.25 of train)"
+    assert r["knn_top1"] == r["linear_top1"] == 100.0
+    train_idx, val_idx = eval_linear.stratified_split([0] * 12 + [1] * 8, 0.25, seed=0)
+    assert len(val_idx) == 5 and sorted(torch.cat([train_idx, val_idx]).tolist()) == list(range(20))
+    assert (val_idx < 12).sum() == 3 and torch.equal(val_idx, eval_linear.stratified_split([0] * 12 + [1] * 8, 0.25)[1])
+    assert not torch.equal(val_idx, eval_linear.stratified_split([0] * 12 + [1] * 8, 0.25, seed=1)[1])
+
 
 def test_main_random_init(tmp_path, capsys):
+    """Catches a table or results line that misreports what was evaluated, on real images."""
     results = tmp_path / "results.jsonl"
     rows = eval_linear.main(["--random-init", "--arch", "vit_mini", "--patch-size", "8", "--dataset", "folder",
                              "--data-dir", SAMPLE, "--workers", "0", "--probe-epochs", "20",
@@ -212,33 +324,46 @@ def test_main_random_init(tmp_path, capsys):
     assert 15 < line["knn_top1"] <= line["knn_top5"] and 15 < line["linear_top1"] <= line["linear_top5"]
 
 
-def test_main_checkpoint_with_baseline_and_finetune(tmp_path, capsys):
-    # a small non-preset ViT; the checkpoint is the same network --random-init --seed 0 builds, so both rows match
+def test_main_checkpoint_with_finetune(tmp_path, capsys):
+    """Catches a fine-tuning learning rate that ignores the batch size its help promises to scale with."""
     kw = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).kwargs
     design_checkpoint(tmp_path / "checkpoint.pt", kw, seed=0)
     results = tmp_path / "results.jsonl"
-    rows = eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--random-init", "--workers", "0",
-                             "--probe-epochs", "10", "--finetune", "--finetune-epochs", "1", "--batch-size", "128",
-                             "--results", str(results)])
+    rows = eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--workers", "0", "--probe-epochs", "10",
+                             "--finetune", "--finetune-epochs", "1", "--batch-size", "128", "--results", str(results)])
     out = capsys.readouterr().out
     assert "| finetune top-1 |" in out and "| byol | 7 | ViT-D64-L2-H2/8 @32px | folder:data_sample |" in out
     lines = [json.loads(s) for s in results.read_text().splitlines()]
-    assert [r["method"] for r in lines] == ["random init", "byol"] and lines == rows
-    assert lines[1]["dataset"] == "folder" and lines[1]["data_dir"] == SAMPLE and not lines[1]["transfer"]
-    for key in ("knn_top1", "linear_top1", "linear_top5", "finetune_top1"):
-        assert lines[0][key] == lines[1][key], key
-    assert lines[1]["finetune_top1"] is not None
+    assert [r["method"] for r in lines] == ["byol"] and lines == rows
+    assert lines[0]["dataset"] == "folder" and lines[0]["data_dir"] == SAMPLE and not lines[0]["transfer"]
+    assert 0 <= lines[0]["finetune_top1"] <= 100
+    assert lines[0]["finetune"] == {"epochs": 1, "lr": 5e-4 * 128 / 256}
 
 
-def test_main_transfer_and_usage_errors(tmp_path, capsys):
+def test_main_transfer_uses_the_pretraining_normalization(tmp_path, capsys, monkeypatch):
+    """Catches a transfer evaluation that normalizes with the evaluation data's constants instead of the ones
+    the backbone was pretrained with (CIFAR-10's here; ImageNet's for timm weights)."""
     kw = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2).kwargs
     design_checkpoint(tmp_path / "c.pt", kw, args={"dataset": "cifar10", "data_dir": str(tmp_path / "nowhere")})
+    seen = []
+    real = eval_linear.extract_features
+    monkeypatch.setattr(eval_linear, "extract_features", lambda m, loader, d: seen.append(next(iter(loader))[0]) or
+                        real(m, loader, d))
     rows = eval_linear.main(["--ckpt", str(tmp_path / "c.pt"), "--dataset", "folder", "--data-dir", SAMPLE,
                              "--workers", "0", "--no-probe", "--img-size", "16"])  # 16 px: a 2x2 patch grid
     assert rows[0]["transfer"] and rows[0]["eval_data"] == "folder:data_sample (transfer)"
     assert rows[0]["img_size"] == 16 and rows[0]["linear_top1"] is None
+    assert rows[0]["normalization"] == {"mean": list(data.MEAN_STD["cifar10"][0]), "std": list(data.MEAN_STD["cifar10"][1])}
+    first_image, _ = data.build_dataset("folder", SAMPLE, "train", data.eval_transform(16, *data.MEAN_STD["cifar10"]))[0]
+    torch.testing.assert_close(seen[0][0], first_image)
     assert "| byol | 7 | ViT-D64-L1-H2/8 @32px | folder:data_sample (transfer) |" in capsys.readouterr().out
+
+
+def test_main_usage_errors():
+    """Catches tracebacks instead of one-line messages for missing models, architectures or data."""
     for argv, msg in [([], "nothing to evaluate"), (["--random-init"], "needs --arch"),
-                      (["--random-init", "--arch", "vit_mini", "--dataset", "folder"], "needs --data-dir")]:
+                      (["--random-init", "--arch", "vit_mini", "--dataset", "folder"], "needs --data-dir"),
+                      (["--random-init", "--arch", "vit_mini", "--dataset", "folder", "--data-dir", SAMPLE,
+                        "--val-fraction", "2"], "between 0 and 1")]:
         with pytest.raises(SystemExit, match=msg):
             eval_linear.main(argv)
