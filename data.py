@@ -135,8 +135,11 @@ def simclr_transform(img_size, mean, std, strength=0.5):
 def byol_transforms(img_size, mean, std):
     """BYOL (Grill et al. 2020, arXiv:2006.07733) App. B, Table 6: the asymmetric pair (t1, t2), which differ
     only in blur (p 1.0 / 0.1) and solarization (p 0.0 / 0.2). MoCo v3 (arXiv:2104.02057) uses the same
-    pair. The blur kernel is 10% of the side, made odd: 23 px at 224 as in BYOL, 3 px at 32."""
+    pair. The blur kernel is 10% of the side, made odd: 23 px at 224 as in BYOL. Below 64 px there is no
+    blur, as in SimCLR's CIFAR recipe (App. B.9) and the CIFAR configs of solo-learn (asymmetric.yaml) and
+    lightly's benchmark: a 3 px kernel with sigma up to 2 wipes out most of a 32 px image."""
     def view(blur_p, solarize_p):
+        blur_p = blur_p if img_size >= 64 else 0.0
         return v2.Compose([
             # Table 6: bicubic resize
             v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
@@ -216,7 +219,7 @@ class SeededViews(Dataset):
         # unique for epoch < 1e6 and i < 1e9; seeds apart by 1e15 do not share streams
         sample_seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i) % 2 ** 63
         with torch.random.fork_rng(devices=[]):  # leave the caller's CPU RNG where it was (workers=0)
-            torch.manual_seed(sample_seed)
+            torch.default_generator.manual_seed(sample_seed)  # the CPU generator the transforms draw from
             return self.dataset[i]
 
 

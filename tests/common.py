@@ -12,6 +12,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "data_sample")
 
@@ -81,11 +83,26 @@ class RecordingSampler(torch.utils.data.DistributedSampler):
         return iter(order)
 
 
-def small_folder(root, per_class, splits=("train", "test"), classes=None):
-    """A copy of the first `per_class` images of each class of the shipped sample: a fixed small dataset."""
-    for split in splits:
-        for c in classes or sorted(os.listdir(os.path.join(SAMPLE, split))):
+class FixedViews(torch.utils.data.Dataset):
+    """The shipped sample's first images, each with two views drawn once: the same batch every epoch."""
+
+    def __init__(self, n, transforms):
+        torch.manual_seed(0)
+        ds = data.build_dataset("folder", SAMPLE, "train", data.MultiView(transforms))
+        self.items = [ds[i] for i in range(0, len(ds), len(ds) // n)][:n]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def small_folder(root, train_per_class, test_per_class):
+    """A copy of the first images of each class of the shipped sample: a fixed small dataset."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in sorted(os.listdir(os.path.join(SAMPLE, split))):
             os.makedirs(os.path.join(root, split, c))
-            for f in sorted(os.listdir(os.path.join(SAMPLE, split, c)))[:per_class]:
+            for f in sorted(os.listdir(os.path.join(SAMPLE, split, c)))[:n]:
                 shutil.copy(os.path.join(SAMPLE, split, c, f), os.path.join(root, split, c, f))
     return str(root)

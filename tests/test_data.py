@@ -73,8 +73,9 @@ def _blurs(t):  # (kernel size, probability) of each GaussianBlur inside a Compo
 def test_blur_follows_the_papers():
     t1, t2 = data.byol_transforms(224, MEAN, STD)
     assert _blurs(t1) == [((23, 23), 1.0)] and _blurs(t2) == [((23, 23), 0.1)]  # BYOL Table 6, 23 px at 224
-    t1, _ = data.byol_transforms(32, MEAN, STD)
-    assert _blurs(t1) == [((3, 3), 1.0)]  # 10% of 32, odd
+    t1, t2 = data.byol_transforms(64, MEAN, STD)
+    assert _blurs(t1) == [((7, 7), 1.0)] and _blurs(t2) == [((7, 7), 0.1)]  # 10% of 64, odd
+    assert [p for _, p in _blurs(data.byol_transforms(32, MEAN, STD)[0])] == [0.0]  # CIFAR: no blur (B.9)
     assert _blurs(data.simclr_transform(32, MEAN, STD)) == []  # SimCLR App. B.9: no blur on CIFAR
     assert _blurs(data.simclr_transform(96, MEAN, STD)) == [((9, 9), 0.5)]
 
