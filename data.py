@@ -3,27 +3,38 @@
 - `build_dataset(name, data_dir, split, transform)`: cifar10, cifar100, stl10 (torchvision) or `folder`
   (an ImageFolder tree `<dir>/train/<class>/*.jpg` + `<dir>/test/` or `val/`), yielding (transform(img), label).
   Every dataset has `.classes` (names in label order); `num_classes(ds)` is `len(ds.classes)`.
-- One transform builder per paper, literal values in the paper's order, each naming its table or section.
-  A transform maps a PIL image to a normalized float tensor (3, H, W); `MultiView` turns transforms into
-  the list of views a method trains on, which the default collate stacks into a list of (B, 3, H, W).
+- One recipe per paper, written once as data (`ViewSpec`s: `simclr_spec`, `byol_specs`, `multicrop_specs`),
+  literal values in the paper's order, each naming its table or section. Each recipe is built into two paths:
+  * PIL (`pil_transform`; `simclr_transform`, `byol_transforms`, `multicrop_transform`): a transform maps a
+    PIL image to a normalized float tensor (3, H, W); `MultiView` turns transforms into the list of views a
+    method trains on, which the default collate stacks into a list of (B, 3, H, W);
+  * batched on the device (--gpu-aug; `device_view`): every view of a whole batch at once, each image with
+    its own random draws, from a uint8 copy of the training set kept on the device.
 - `build_loader(dataset, batch_size, workers, train, seed)`: per-image augmentation seeds, the shuffle
   (a DistributedSampler, one replica in one process), drop_last; `set_epoch(loader, epoch)` every epoch.
+  `build_device_loader(dataset, specs, mean, std, batch_size, device, seed)` yields the same batches of the
+  same images, with the views made on `device` (a GPU, or the CPU).
 
-Images are augmented as PIL images: at CIFAR's 32 px the PIL kernels beat the same torchvision.transforms.v2
-ops on uint8 tensors (which spend their time in per-op overhead, hue above all) by about 1.2x on one core;
-`python benchmarks/augment_speed.py` measures it. v2 dispatches on the input type, so feeding these same
-transforms a uint8 tensor (torchvision.io.decode_image) runs the tensor kernels instead.
+Without --gpu-aug images are augmented as PIL images: at CIFAR's 32 px the PIL kernels beat the same
+torchvision.transforms.v2 ops on uint8 tensors (which spend their time in per-op overhead, hue above all) by
+about 1.2x on one core; `python benchmarks/augment_speed.py` measures it, and the batched path against both.
+v2 dispatches on the input type, so feeding these same transforms a uint8 tensor (torchvision.io.decode_image)
+runs the tensor kernels instead.
 
 Look at what a method trains on (rows: images; columns: the original, then the views):
     python data.py --show simclr --out views.png
     python data.py --show swav --out views.png --dataset folder --data-dir ../shared/datasets/cifar10
+    python data.py --show byol --out views.png --gpu-aug      # the batched device path's views
 """
 import argparse
+import dataclasses
+import math
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
@@ -111,67 +122,111 @@ def _blur_kernel(size):
     return int(0.1 * size) // 2 * 2 + 1
 
 
-def _color_distortion(s):
-    # SimCLR App. A, "color_distort": jitter (brightness, contrast, saturation, hue) = (0.8s, 0.8s, 0.8s, 0.2s)
-    # in random order (as v2.ColorJitter does) with p 0.8, then color drop (grayscale) with p 0.2
-    return [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), v2.RandomGrayscale(p=0.2)]
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+    """One view's augmentation recipe, written once per paper below and built into both pipelines: the PIL one
+    (`pil_transform`, per image in loader workers) and the batched one on the device (`device_view`, --gpu-aug).
+    The ops run in this order, each on an image with its probability (an op of probability 0 is left out)."""
+    size: int                             # output side
+    scale: tuple = (0.08, 1.0)            # random resized crop: area, a fraction of the image's
+    ratio: tuple = (3 / 4, 4 / 3)         # ... and aspect (w / h), log-uniform
+    interpolation: str = "bilinear"       # or "bicubic"
+    flip_p: float = 0.5                   # horizontal flip
+    jitter: tuple = (0.0, 0.0, 0.0, 0.0)  # colour jitter strengths (brightness, contrast, saturation, hue), as
+    jitter_p: float = 0.0                 # v2.ColorJitter takes them: factors 1 +- s, hue +- s turns, random order
+    gray_p: float = 0.0                   # grayscale (colour drop)
+    blur_p: float = 0.0                   # Gaussian blur of kernel side blur_kernel, sigma uniform in blur_sigma
+    blur_kernel: int = 3
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0               # x -> 1 - x where x >= 0.5
 
 
-def simclr_transform(img_size, mean, std, strength=0.5):
+def simclr_spec(img_size, strength=0.5):
     """SimCLR (Chen et al. 2020, arXiv:2002.05709) App. A. strength s: 1.0 on ImageNet, 0.5 on CIFAR-10
     (App. B.9). Gaussian blur (p 0.5, sigma 0.1-2) is ImageNet-only: App. B.9 drops it on 32 px CIFAR; we
     keep it for images of 64 px and more (STL-10's 96 px)."""
-    blur = [v2.RandomApply([v2.GaussianBlur(_blur_kernel(img_size), sigma=(0.1, 2.0))], p=0.5)]
-    return v2.Compose([
-        # area 8-100%, aspect ratio 3/4-4/3, resized bicubic (the reference code's crop_and_resize)
-        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(p=0.5),
-        *_color_distortion(strength),
-        *(blur if img_size >= 64 else []),
-        *_to_normalized(mean, std),
-    ])
+    s = strength
+    return ViewSpec(
+        img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),  # area 8-100%, aspect ratio 3/4-4/3
+        interpolation="bicubic",                              # the reference code's crop_and_resize
+        flip_p=0.5,
+        # "color_distort": jitter (brightness, contrast, saturation, hue) = (0.8s, 0.8s, 0.8s, 0.2s) in random
+        # order with p 0.8, then color drop (grayscale) with p 0.2
+        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
+        blur_p=0.5 if img_size >= 64 else 0.0, blur_kernel=_blur_kernel(img_size), blur_sigma=(0.1, 2.0),
+    )
 
 
-def byol_transforms(img_size, mean, std):
+def byol_specs(img_size):
     """BYOL (Grill et al. 2020, arXiv:2006.07733) App. B, Table 6: the asymmetric pair (t1, t2), which differ
     only in blur (p 1.0 / 0.1) and solarization (p 0.0 / 0.2). MoCo v3 (arXiv:2104.02057) uses the same
     pair. The blur kernel is 10% of the side, made odd: 23 px at 224 as in BYOL. Below 64 px there is no
     blur, as in SimCLR's CIFAR recipe (App. B.9) and the CIFAR configs of solo-learn (asymmetric.yaml) and
     lightly's benchmark: a 3 px kernel with sigma up to 2 wipes out most of a 32 px image."""
     def view(blur_p, solarize_p):
-        blur_p = blur_p if img_size >= 64 else 0.0
-        return v2.Compose([
-            # Table 6: bicubic resize
-            v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(_blur_kernel(img_size), sigma=(0.1, 2.0))], p=blur_p),
-            v2.RandomSolarize(threshold=128, p=solarize_p),  # x -> 1 - x where x >= 0.5 (uint8 / PIL: 128)
-            *_to_normalized(mean, std),
-        ])
-    return view(1.0, 0.0), view(0.1, 0.2)
+        return ViewSpec(
+            img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",  # bicubic resize
+            flip_p=0.5,
+            jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,  # brightness, contrast, saturation, hue
+            gray_p=0.2,
+            blur_p=blur_p if img_size >= 64 else 0.0, blur_kernel=_blur_kernel(img_size), blur_sigma=(0.1, 2.0),
+            solarize_p=solarize_p,
+        )
+    return view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
+
+
+def multicrop_specs(img_size, n_global=2, n_local=6, local_size=None, global_scale=(0.14, 1.0),
+                    local_scale=(0.05, 0.14), strength=1.0):
+    """SwAV (Caron et al. 2020, arXiv:2006.09882) Sec. 3.2 multi-crop: n_global crops at img_size (area
+    global_scale) then n_local small crops at local_size (area local_scale); the paper's 2x224 + 6x96 is
+    multicrop_specs(224, local_size=96). local_size defaults to img_size // 2 (32 -> 16 px; patch 4
+    divides both). Each crop: flip, SimCLR's color distortion at strength s (SwAV's main_swav.py: 1.0;
+    SimCLR's CIFAR-10 value: 0.5) and, from 64 px up, blur p 0.5 (main_swav.py)."""
+    local_size, s = local_size or img_size // 2, strength
+
+    def crop(size, scale):
+        return ViewSpec(
+            size, scale=scale, ratio=(3 / 4, 4 / 3),
+            interpolation="bilinear",  # torchvision's default, as in main_swav.py
+            flip_p=0.5,
+            jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,  # SimCLR's color distortion
+            blur_p=0.5 if size >= 64 else 0.0, blur_kernel=_blur_kernel(size), blur_sigma=(0.1, 2.0),
+        )
+    return [crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local
+
+
+def pil_transform(spec, mean, std):
+    """The view `spec` as a torchvision.transforms.v2 pipeline: PIL image (or uint8 (3, H, W)) -> normalized
+    float32 (3, size, size), the random draws from torch's global generator (seeded per image by SeededViews)."""
+    ops = [v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
+                                interpolation=v2.InterpolationMode[spec.interpolation.upper()]),
+           v2.RandomHorizontalFlip(p=spec.flip_p)]
+    if spec.jitter_p:  # v2.ColorJitter draws the four factors and a random order of the four ops per image
+        ops.append(v2.RandomApply([v2.ColorJitter(*spec.jitter)], p=spec.jitter_p))
+    if spec.gray_p:
+        ops.append(v2.RandomGrayscale(p=spec.gray_p))
+    if spec.blur_p:
+        ops.append(v2.RandomApply([v2.GaussianBlur(spec.blur_kernel, sigma=spec.blur_sigma)], p=spec.blur_p))
+    if spec.solarize_p:
+        ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))  # x -> 1 - x where x >= 0.5 (uint8: 128)
+    return v2.Compose([*ops, *_to_normalized(mean, std)])
+
+
+def simclr_transform(img_size, mean, std, strength=0.5):
+    """SimCLR's view (simclr_spec) as a PIL transform."""
+    return pil_transform(simclr_spec(img_size, strength), mean, std)
+
+
+def byol_transforms(img_size, mean, std):
+    """BYOL's (and MoCo v3's) asymmetric pair (byol_specs) as PIL transforms (t1, t2)."""
+    return tuple(pil_transform(spec, mean, std) for spec in byol_specs(img_size))
 
 
 def multicrop_transform(img_size, mean, std, n_global=2, n_local=6, local_size=None,
-                        global_scale=(0.14, 1.0), local_scale=(0.05, 0.14)):
-    """SwAV (Caron et al. 2020, arXiv:2006.09882) Sec. 3.2 multi-crop: n_global crops at img_size (area
-    global_scale) then n_local small crops at local_size (area local_scale); the paper's 2x224 + 6x96 is
-    multicrop_transform(224, ..., local_size=96). local_size defaults to img_size // 2 (32 -> 16 px; patch 4
-    divides both). Each crop: flip, SimCLR's color distortion at s = 1.0 and, from 64 px up, blur p 0.5
-    (SwAV's main_swav.py)."""
-    local_size = local_size or img_size // 2
-
-    def crop(size, scale):
-        blur = [v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=0.5)]
-        return v2.Compose([
-            v2.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as in main_swav.py
-            v2.RandomHorizontalFlip(p=0.5),
-            *_color_distortion(1.0),
-            *(blur if size >= 64 else []),
-            *_to_normalized(mean, std),
-        ])
-    return MultiView([crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local)
+                        global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), strength=1.0):
+    """SwAV's multi-crop (multicrop_specs) as a MultiView of PIL transforms: 2 x 32 px + 6 x 16 px by default."""
+    specs = multicrop_specs(img_size, n_global, n_local, local_size, global_scale, local_scale, strength)
+    return MultiView([pil_transform(spec, mean, std) for spec in specs])
 
 
 def finetune_transform(img_size, mean, std):
@@ -259,37 +314,302 @@ def build_loader(dataset, batch_size, workers, train, seed=0):
 
 
 def set_epoch(loader, epoch):
-    """Advance a training loader of build_loader to `epoch`: the sampler's shuffle and the per-image
-    augmentation seeds (without it every epoch repeats the first). A no-op on other loaders."""
-    if isinstance(loader.dataset, SeededViews):
+    """Advance a training loader of build_loader or build_device_loader to `epoch`: the sampler's shuffle and
+    the per-image augmentation seeds (without it every epoch repeats the first). A no-op on other loaders."""
+    if isinstance(loader, DeviceLoader):
+        loader.sampler.set_epoch(epoch)
+        loader.epoch = epoch
+    elif isinstance(loader.dataset, SeededViews):
         loader.sampler.set_epoch(epoch)
         loader.dataset.epoch = epoch
 
 
+# ---- the batched path on the device (--gpu-aug) ----
+#
+# The training set sits on the device as one uint8 (N, 3, H, W) tensor (CIFAR-10: 150 MB), decoded once, and
+# each batch's views are made there by batched ops, every image with its own random draws: the way airbench
+# and hlb-CIFAR10 feed a GPU at CIFAR sizes, where per-image PIL work in loader workers cannot keep up. No
+# workers. The recipes are the same ViewSpecs as the PIL path's and the ops follow torchvision's, on float32:
+#   crop     torchvision's RandomResizedCrop sampling, whole-pixel boxes; the resize is one grid_sample of the
+#            whole image (no antialiasing: fine where views are upsampled, as CIFAR's and SwAV's small crops
+#            are; an image much larger than its view aliases where PIL would average)
+#   jitter   v2.functional's float semantics (brightness multiplies, contrast blends with the mean of the
+#            grayscale image, saturation with the grayscale image, hue turns the HSV hue; clamped after each);
+#            the PIL path's uint8 kernels round after each op and turn the hue in 1/256 steps
+#   blur     the same Gaussian kernel and reflect padding as v2.functional.gaussian_blur
+#   solarize x -> 1 - x where x >= 0.5, the PIL path's 255 - x where x >= 128
+
+# An image's uniforms for one view (`uniforms`), column by column: what each one draws.
+U_AREA, U_ASPECT, U_TOP, U_LEFT = slice(0, 10), slice(10, 20), 20, 21  # crop: 10 tries (area, aspect), position
+U_FLIP = 22
+U_JITTER, U_FACTORS, U_ORDER = 23, slice(24, 28), slice(28, 32)  # applied?, 4 factors, sort keys of their order
+U_GRAY, U_BLUR, U_SIGMA, U_SOLARIZE = 32, 33, 34, 35
+DRAWS = 36
+
+
+def _mul32(x, c):
+    # (x * c) mod 2^32 for x, c < 2^32 in int64 arithmetic, which the full 64-bit product would overflow
+    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & 0xFFFFFFFF
+
+
+def _hash32(x):
+    # Wellons' "lowbias32" (github.com/skeeto/hash-prospector): a bijection of [0, 2^32) whose outputs for
+    # neighbouring inputs look independent. On Python ints and int64 tensors alike.
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniforms(seed, epoch, indices, view, n=DRAWS):
+    """(B, n) float32 uniforms in [0, 1) for the images of dataset indices `indices` (B,), view number `view`
+    (< 64): a counter-based generator, a hash of (seed, epoch, image, view, column). As with SeededViews an
+    image's views then depend on nothing else (not on its batch, the number of processes, the order, nor on
+    CPU or GPU); the hash being a bijection, every draw of an epoch has its own 32 bits (below 2^20 images)."""
+    assert view < 64 and n <= 64
+    key = _hash32(_hash32(seed % 2 ** 32) ^ epoch % 2 ** 32)
+    counter = (indices[:, None].long() * 64 + view) * 64 + torch.arange(n, device=indices.device)  # (B, n)
+    bits = _hash32(_hash32((counter & 0xFFFFFFFF) ^ key) ^ (counter >> 32))  # high part: beyond 2^20 images
+    return (bits >> 8).float() * 2.0 ** -24  # the top 24 bits, exact in float32
+
+
+def crop_boxes(u, height, width, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params for every image at once, from its uniforms u (B, DRAWS): the
+    Inception crop (area uniform in `scale`, log aspect uniform in `ratio`, the first of 10 tries that fits the
+    image, else the whole image cut to the nearest allowed aspect), in whole pixels. -> top, left, h, w (B,)."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, U_AREA])            # (B, 10)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, U_ASPECT])                     # (B, 10) w / h
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()         # (B, 10)
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)                           # (B, 10)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first of equal maxima
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]                           # (B,)
+    fallback_w, fallback_h = width, height
+    if width / height < min(ratio):
+        fallback_h = round(width / min(ratio))
+    elif width / height > max(ratio):
+        fallback_w = round(height * max(ratio))
+    found = fits.any(1)
+    w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
+    # a whole-pixel position uniform in [0, height - h] (randint); min(): float32 rounds u * n up to n for u near 1
+    top = torch.minimum((u[:, U_TOP] * (height - h + 1)).floor(), height - h)
+    left = torch.minimum((u[:, U_LEFT] * (width - w + 1)).floor(), width - w)
+    top = torch.where(found, top, (height - h) // 2)  # the fallback is centred
+    left = torch.where(found, left, (width - w) // 2)
+    return top, left, h, w
+
+
+def resized_crop(x, top, left, h, w, flip, size, mode="bilinear"):
+    """Each image's box (B,) of x (B, 3, H, W), mirrored where flip (B,), resized to (B, 3, size, size): one
+    affine map per image, sampled by one grid_sample. align_corners=False is resize's pixel-centre convention;
+    the border padding repeats the image's edge, as resize does (inside the image a box's outermost output
+    pixels blend in a little of the pixels just outside it, where torchvision repeats the box's edge)."""
+    B, _, H, W = x.shape
+    zero = torch.zeros_like(w)
+    theta = torch.stack([  # output (x, y) in [-1, 1] -> input: the box's centre +- its half size
+        torch.stack([torch.where(flip, -w / W, w / W), zero, (2 * left + w) / W - 1], 1),
+        torch.stack([zero, h / H, (2 * top + h) / H - 1], 1),
+    ], 1)                                                                                # (B, 2, 3)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)                # (B, size, size, 2)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+def grayscale(x):
+    """(B, 3, H, W) -> (B, 1, H, W) luma with v2.functional.rgb_to_grayscale's weights (ITU-R 601-2)."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None]
+
+
+def adjust_hue(x, shift):
+    """v2.functional.adjust_hue for every image with its own shift (B,) in turns: RGB -> HSV, hue + shift,
+    back to RGB. x (B, 3, H, W) in [0, 1]."""
+    r, g, b = x.unbind(1)                                                                # (B, H, W)
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)  # V, V (1 - S)
+    chroma = maxc - minc                                                                 # V S
+    c = torch.where(chroma > 0, chroma, 1.0)  # grey pixels: hue 0, and their chroma 0 below
+    hue = torch.where(maxc == r, (g - b) / c, torch.where(maxc == g, 2 + (b - r) / c, 4 + (r - g) / c))
+    hue = (hue + 6 * shift[:, None, None]) % 6                                           # in sixths of a turn
+    # HSV -> RGB: a channel is V within 1 sixth of its own hue (red 0, green 2, blue 4), V - V S beyond 2,
+    # linear between; d is the distance around the colour wheel
+    d = (hue[:, None] - torch.tensor([0.0, 2.0, 4.0], device=x.device)[:, None, None]).abs()  # (B, 3, H, W)
+    d = torch.minimum(d, 6 - d)
+    return maxc[:, None] - chroma[:, None] * (d - 1).clamp(0, 1)
+
+
+def color_jitter(x, factors, order):
+    """v2.ColorJitter with every image's own factors (B, 4) (brightness, contrast, saturation, hue), applied in
+    its own order (B, 4) (each row a permutation of the op numbers 0 1 2 3). x (B, 3, H, W) in [0, 1].
+    Brightness, contrast and saturation are one blend, x f + target (1 - f), with per-image targets (black,
+    the grayscale mean, the grayscale image), clamped to [0, 1] after each op as torchvision does. An image's
+    sequence is its blends before its hue, the hue, its blends after: one hue turn for the batch, not four."""
+    hue_at = (order == 3).to(torch.uint8).argmax(1, keepdim=True)                       # (B, 1)
+
+    def blends(x, at):  # the blend at position k of each image's order where at(k), else nothing (f = 1)
+        for k in range(4):
+            op = order[:, k:k + 1]                                                       # (B, 1)
+            f = torch.where(at(k) & (op != 3), factors.gather(1, op), 1.0)[:, :, None, None]  # (B, 1, 1, 1)
+            gray = grayscale(x)                                                          # (B, 1, H, W)
+            is_contrast, is_saturation = (op == 1)[:, :, None, None], (op == 2)[:, :, None, None]
+            target = gray.mean((1, 2, 3), keepdim=True) * is_contrast + gray * is_saturation  # black: brightness
+            x = (x * f + target * (1 - f)).clamp_(0, 1)
+        return x
+
+    x = blends(x, lambda k: k < hue_at)
+    x = adjust_hue(x, factors[:, 3])
+    return blends(x, lambda k: k > hue_at)
+
+
+def gaussian_blur(x, kernel_size, sigma):
+    """v2.functional.gaussian_blur for every image with its own sigma (B,): per image a separable Gaussian
+    kernel, applied along W then H as one grouped convolution over all B * 3 channels (reflect padding)."""
+    B, C, H, W = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - kernel_size // 2
+    kernel = torch.softmax(-(t / sigma[:, None]) ** 2 / 2, dim=1).repeat_interleave(C, 0)  # (B * C, K)
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)                             # along W
+    y = F.conv2d(y, kernel[:, None, :, None], groups=B * C)                             # along H
+    return y.view(B, C, H, W)
+
+
+def device_view(x, spec, u):
+    """The view `spec` of every image of a batch, each with its own draws: x float (B, 3, H, W) in [0, 1], u
+    (B, DRAWS) the view's uniforms (`uniforms`) -> (B, 3, size, size) in [0, 1], not normalized. pil_transform's
+    ops in its order, each one batched call: the probabilities pick images, not batches."""
+    B, _, H, W = x.shape
+
+    def on(column, p):  # (B, 1, 1, 1): 1.0 where the op applies to the image, else 0.0
+        return (u[:, column] < p).float()[:, None, None, None]
+
+    def pick(mask, y, x):  # y where mask (B, 1, 1, 1) is 1, else x: lerp by a 0/1 weight is exact, and on CPU
+        return torch.lerp(x, y, mask)  # much faster than torch.where with a broadcast condition
+
+    def between(lo_hi, column):  # uniform in [lo, hi]
+        return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u[:, column]
+
+    top, left, h, w = crop_boxes(u, H, W, spec.scale, spec.ratio)
+    x = resized_crop(x, top, left, h, w, u[:, U_FLIP] < spec.flip_p, spec.size, spec.interpolation)
+    if spec.interpolation == "bicubic":
+        x = x.clamp(0, 1)  # bicubic overshoots at edges; resize on uint8 and PIL clamp too
+    if spec.jitter_p:
+        s = spec.jitter  # v2.ColorJitter's ranges: factors in [max(0, 1 - s), 1 + s], hue in [-s, s]
+        lo = torch.tensor([max(0.0, 1 - v) for v in s[:3]] + [-s[3]], device=x.device)
+        hi = torch.tensor([1 + v for v in s[:3]] + [s[3]], device=x.device)
+        factors = between((lo, hi), U_FACTORS)                                           # (B, 4)
+        order = u[:, U_ORDER].argsort(1)  # (B, 4): sorting 4 uniforms gives a uniform random permutation
+        x = pick(on(U_JITTER, spec.jitter_p), color_jitter(x, factors, order), x)
+    if spec.gray_p:
+        x = pick(on(U_GRAY, spec.gray_p), grayscale(x).expand_as(x), x)
+    if spec.blur_p:
+        x = pick(on(U_BLUR, spec.blur_p), gaussian_blur(x, spec.blur_kernel, between(spec.blur_sigma, U_SIGMA)), x)
+    if spec.solarize_p:
+        x = pick(on(U_SOLARIZE, spec.solarize_p), torch.where(x >= 0.5, 1 - x, x), x)
+    return x
+
+
+def device_views(images, indices, specs, mean, std, seed=0, epoch=0):
+    """One normalized float32 (B, 3, size, size) per spec, of images (B, 3, H, W) (uint8, or float in [0, 1])
+    whose dataset indices are `indices` (B,) (their random draws): what a DeviceLoader yields as views."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return [(device_view(x, spec, uniforms(seed, epoch, indices, v)) - mean) / std for v, spec in enumerate(specs)]
+
+
+class DeviceLoader:
+    """build_device_loader's training loader: for batch after batch of the sampler's indices, (views, labels)
+    as build_loader's DataLoader yields them, made on the images' device. len() and set_epoch() as a loader's."""
+
+    def __init__(self, images, labels, specs, mean, std, batch_size, seed=0, rank=0, world=1):
+        self.images, self.labels = images, labels  # (N, 3, H, W) uint8 and (N,), on the device
+        self.specs, self.mean, self.std = specs, mean, std
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        # the very sampler of build_loader: the same shuffle for the same seed and epoch, the same shards
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size  # drop_last
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]                   # (B,)
+            yield device_views(self.images[idx], idx, self.specs, self.mean, self.std, self.seed,
+                               self.epoch), self.labels[idx]
+
+
+def _decode_all(dataset):
+    """A dataset of build_dataset, without its transform: uint8 (N, 3, H, W) and labels (N,), on the CPU."""
+    if isinstance(dataset, torchvision.datasets.CIFAR10):  # and CIFAR-100: (N, 32, 32, 3) uint8 in memory
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
+    if isinstance(dataset, torchvision.datasets.STL10):  # (N, 3, 96, 96) uint8 in memory; unlabeled: -1
+        return torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels).long()
+    # an ImageFolder: every file through its loader (PIL, converted to RGB), as the PIL path reads it
+    images = []
+    for path, _ in dataset.samples:
+        images.append(v2.functional.pil_to_tensor(dataset.loader(path)))                # (3, H, W) uint8
+        if images[-1].shape != images[0].shape:
+            (h, w), (h0, w0) = images[-1].shape[1:], images[0].shape[1:]
+            raise DataError(f"--gpu-aug keeps the training set as one tensor of equal-sized images, but {path} is "
+                            f"{w}x{h} and {dataset.samples[0][0]} {w0}x{h0}: drop --gpu-aug (or resize the images "
+                            f"to one size)")
+    return torch.stack(images), torch.tensor(dataset.targets)
+
+
+def build_device_loader(dataset, specs, mean, std, batch_size, device, seed=0):
+    """The --gpu-aug training loader. dataset: a training set of build_dataset (its transform is not used),
+    decoded once into one uint8 (N, 3, H, W) tensor on `device`, labels alongside; specs: one ViewSpec per view
+    ([simclr_spec(...)] * 2, byol_specs(...), multicrop_specs(...)); batch_size is per process.
+
+    It yields what build_loader(train=True) yields for the same seed: (views, labels), the views a list of
+    normalized float32 (B, 3, size, size) (here already on the device), batches of the same DistributedSampler
+    (same shuffle per seed and epoch, sharded under torch.distributed, drop_last); set_epoch(loader, epoch)
+    every epoch. An image's views depend on (seed, epoch, image) only, as the PIL path's."""
+    images, labels = _decode_all(dataset)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if images.nbytes > free / 2:
+            raise DataError(f"--gpu-aug: the training set is {images.nbytes / 1e9:.1f} GB as uint8, more than "
+                            f"half of the {free / 1e9:.1f} GB free on {device}: drop --gpu-aug")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    return DeviceLoader(images.to(device), labels.to(device), specs, mean, std, batch_size, seed, rank, world)
+
+
 # ---- python data.py --show ----
 
-def method_views(method, img_size, mean, std):
-    """The MultiView each training script uses, by method name."""
+def method_specs(method, img_size):
+    """The ViewSpecs each training script uses, by method name, one per view (at the papers' defaults)."""
     if method == "simclr":
-        return MultiView(simclr_transform(img_size, mean, std), n=2)
+        return [simclr_spec(img_size)] * 2
     if method in ("byol", "moco"):
-        return MultiView(byol_transforms(img_size, mean, std))
+        return list(byol_specs(img_size))
     if method == "swav":
-        return multicrop_transform(img_size, mean, std)
+        return multicrop_specs(img_size)
     raise ValueError(f"unknown method {method!r}")
 
 
-def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6, seed=0):
+def method_views(method, img_size, mean, std):
+    """The MultiView each training script uses, by method name."""
+    return MultiView([pil_transform(spec, mean, std) for spec in method_specs(method, img_size)])
+
+
+def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6, seed=0, gpu_aug=False):
     """PNG grid: one image per row, its original (eval transform) then the method's views, un-normalized;
-    views smaller than the cell (multi-crop) sit at their own size on grey."""
+    views smaller than the cell (multi-crop) sit at their own size on grey. gpu_aug: the views of the batched
+    device path (device_views, here on the CPU) instead of the PIL path's."""
     torch.manual_seed(seed)
     mean, std = MEAN_STD[dataset]
     ds = build_dataset(dataset, data_dir, "train")
     views, orig = method_views(method, img_size, mean, std), eval_transform(img_size, mean, std)
+    picks = range(0, len(ds), len(ds) // rows)[:rows]  # evenly spaced: different classes in a sorted tree
+    if gpu_aug:
+        images = torch.stack([v2.functional.pil_to_tensor(ds[i][0]) for i in picks])   # (rows, 3, H, W) uint8
+        batch = device_views(images, torch.tensor(picks), method_specs(method, img_size), mean, std, seed)
     cells = []
-    for i in range(0, len(ds), len(ds) // rows)[:rows]:  # evenly spaced: different classes in a sorted tree
+    for row, i in enumerate(picks):
         img, _ = ds[i]
-        for x in [orig(img)] + views(img):
+        for x in [orig(img)] + ([v[row] for v in batch] if gpu_aug else views(img)):
             x = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
             cell = torch.full((3, img_size, img_size), 0.5)
             top, left = (img_size - x.shape[1]) // 2, (img_size - x.shape[2]) // 2
@@ -299,7 +619,8 @@ def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6
     zoom = max(1, 128 // img_size)  # 32 px images are too small to judge at 1:1
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=zoom, mode="nearest")[0]
     torchvision.utils.save_image(grid, out)
-    print(f"wrote {out}: {rows} images x (original + {len(views.transforms)} {method} views)")
+    print(f"wrote {out}: {rows} images x (original + {len(views.transforms)} {method} views"
+          f"{', batched device path' if gpu_aug else ''})")
 
 
 if __name__ == "__main__":
@@ -311,5 +632,6 @@ if __name__ == "__main__":
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--rows", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-aug", action="store_true", help="the batched device path's views (made on the CPU here)")
     a = p.parse_args()
-    show(a.show, a.out, a.dataset, a.data_dir, a.img_size, a.rows, a.seed)
+    show(a.show, a.out, a.dataset, a.data_dir, a.img_size, a.rows, a.seed, a.gpu_aug)
