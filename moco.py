@@ -165,6 +165,10 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled decay (paper: 0.1)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 40 of 300)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    p.add_argument("--gpu-aug", action="store_true",
+                   help="make the views on the training device, a batch at a time, from a uint8 copy of the training "
+                        "set kept there (data.build_device_loader; no loader workers): for a GPU that PIL workers "
+                        "cannot keep fed. Same recipe, other random draws than the default PIL path")
     p.add_argument("--out", default="runs/moco", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
@@ -224,11 +228,13 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
                 contrastive_loss(q2, k1, args.temperature, keys, rank))
 
         # 4. backward, clip, step; a non-finite loss or gradient stops the run before it reaches a checkpoint
+        # (loss, gradient norm and the collapse monitor come back to the CPU together: the step's one sync)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
-        loss_value, grad_value = torch.stack([loss.detach(), grad_norm.float()]).tolist()  # the step's one sync
+        embed_std = F.normalize(h.detach().float(), dim=1).std(dim=0).mean()  # the collapse monitor, see step 6
+        loss_value, grad_value, std_value = torch.stack([loss.detach(), grad_norm.float(), embed_std]).tolist()
         # (an fp16 gradient scaler skips overflowing steps itself: there an inf gradient is routine)
         for name, value in (("loss", loss_value), ("gradient norm", None if scaler.is_enabled() else grad_value)):
             if value is not None and not math.isfinite(value):
@@ -249,7 +255,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 6. log: loss and the collapse monitor, the per-dimension std of the normalized CLS feature
         seen += x1.shape[0] * world
         loss_sum += loss_value
-        std_sum += F.normalize(h.detach().float(), dim=1).std(dim=0).mean().item()
+        std_sum += std_value
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", m=f"{m:.4f}",
                         img_s=f"{seen / (time.time() - t0):.0f}")
 
@@ -300,7 +306,12 @@ def main(argv=None):
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
     train_tf = data.MultiView(data.byol_transforms(args.img_size, mean, std))  # the asymmetric pair (§4)
     train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    if args.gpu_aug:  # the same recipe, made on the device a batch at a time (the PIL transform goes unused)
+        specs = list(data.byol_specs(args.img_size))
+        loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
+                                          seed=args.seed)
+    else:
+        loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.queue and (args.queue % args.batch_size or args.queue > len(train_set)):
@@ -354,7 +365,8 @@ def main(argv=None):
             raise SystemExit(f"error: {ckpt_path} is not a moco checkpoint of this repo "
                              f"(method {ckpt.get('method')!r}, keys {sorted(ckpt)})")
         # the run's recipe must be the same; what may change: length, machine, logging
-        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out"}
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
+                "gpu_aug"}  # --gpu-aug: the same recipe, other random draws
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:

@@ -9,7 +9,7 @@ unit-length prototypes (cosines). The codes of the two global crops are computed
 (§3.1, Eq. 3): soft cluster assignments under the constraint that the batch is split equally among the K
 prototypes. Each global crop's code is then predicted from every other crop's scores by a softmax at
 temperature 0.1 (the "swapped prediction", Eq. 1-2). No negatives; equipartition is what prevents collapse.
-Collapse (every image on the same point) sits at loss ln K (8.01 for K = 3000): Sinkhorn can only spread a
+Collapse (every image on the same point) sits at loss ln K (6.91 for K = 1000): Sinkhorn can only spread a
 collapsed batch uniformly over the prototypes, which is trivial to predict. The log's codes_entropy is then
 ln K and prototypes_used (distinct nearest prototypes of the batch's global crops) is 1; embed_std, the
 per-dimension std of the L2-normalized CLS feature, is 0 at collapse and at most 1/sqrt(D) (0.072 for D = 192).
@@ -25,10 +25,12 @@ Differences from the paper:
   - ViT (CLS token) on 32 px images instead of ResNet-50 at 224 px; multi-crop 2x32 + 6x16 px instead of
     2x224 + 6x96 px (the same ratio of small to large side, rounded to a multiple of the patch size).
   - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, cosine decay.
-  - Batch 256 on one GPU, the reference code's small-batch setting (its 200-epoch B 256 recipe), instead of
-    4096, with its small-batch measures: a queue of past features for the codes and frozen prototypes at first.
-  - K = 1000 prototypes instead of 3000 for ImageNet's 1000 classes (CIFAR-10 has 10; see --num-prototypes).
-  - Prototype freezing counted in iterations of CIFAR-10, not ImageNet (one epoch in both).
+  - Batch 256 on one GPU instead of 4096, with the reference code's small-batch measures: prototypes frozen
+    for the first epoch, a queue of 3840 past features for the codes from epoch 15 (its batch-256 recipe).
+  - At this batch the paper's epsilon 0.05 and colour distortion 1.0 collapse a short run (the loss sits at
+    ln K, a handful of prototypes take every image); epsilon 0.02 (sharper codes, the reference README's
+    first advice) and colour strength 0.5 (SimCLR's CIFAR-10 value) learn. Measured: get_args_parser().
+  - K = 1000 prototypes instead of 3000 (see --num-prototypes).
   - The head's first Linear has no bias (a BatchNorm follows it).
   - Global BN (SyncBatchNorm) only on CUDA: under torchrun on CPU each process normalizes its own batch.
 """
@@ -59,7 +61,8 @@ def sinkhorn(scores, epsilon, iterations, distributed=False):
     Q = diag(u) exp(scores / epsilon) diag(v) after `iterations` rounds of alternate rescaling.
     distributed: this process holds its share of the batch; the sums over samples are all-reduced, so the
         equipartition holds over all processes' samples (B = the global count).
-    fp32, no gradient: the codes are targets. exp(1 / epsilon) is e^20 for epsilon 0.05 (fp16 overflows).
+    fp32, no gradient: the codes are targets. exp(1 / epsilon) is e^20 at epsilon 0.05, e^50 at 0.02 (fp16
+    overflows at both; fp32 below epsilon 0.0113).
     """
     world = dist.get_world_size() if distributed else 1
 
@@ -68,6 +71,8 @@ def sinkhorn(scores, epsilon, iterations, distributed=False):
             dist.all_reduce(x)
         return x
 
+    # Q stays a joint distribution over (prototype, sample) as the paper writes it; the divisions by K and B are
+    # uniform factors that the next normalization cancels, only the row and column sums shape the codes
     Q = torch.exp(scores.float() / epsilon).T                          # (K, B) the paper's orientation
     K, B = Q.shape[0], Q.shape[1] * world                              # B: samples over all processes
     Q /= sum_over_processes(Q.sum())                                   # a joint distribution: sums to 1
@@ -168,6 +173,10 @@ def get_args_parser():
                    help="AdamW decoupled decay (DeiT/DINO's 0.05; paper: 1e-6 with LARS)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10 at batch 4096)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    p.add_argument("--gpu-aug", action="store_true",
+                   help="make the views on the training device, a batch at a time, from a uint8 copy of the training "
+                        "set kept there (data.build_device_loader; no loader workers): for a GPU that PIL workers "
+                        "cannot keep fed. Same recipe, other random draws than the default PIL path")
     p.add_argument("--out", default="runs/swav", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
@@ -176,15 +185,24 @@ def get_args_parser():
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    # SwAV's own
+    # SwAV's own. What the small-batch defaults rest on: 10,000-image CIFAR-10 subset, vit_mini/8, batch 256,
+    # 2 epochs without small crops, K 1000, prototypes frozen; k-NN top-1 on its test split (random init 28.9):
+    #   colour 1.0, epsilon 0.05 or 0.02, queue from step 15: 6 of 1000 prototypes used, loss above ln K (stopped)
+    #   colour 0.5, epsilon 0.05: k-NN 29.5, 111 prototypes used; colour 0.5, epsilon 0.02: k-NN 32.0, 162 used
+    #   the same with the queue from epoch 2: loss 6.17 instead of 6.30 but 99 prototypes used, k-NN 31.3
     p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the prediction (paper: 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.05,
-                   help="Sinkhorn entropy weight (paper: 0.05; its README: 0.03 if the loss sticks at ln K)")
+    p.add_argument("--epsilon", type=float, default=0.02,
+                   help="Sinkhorn entropy weight, smaller: sharper codes (paper: 0.05; the reference README's first "
+                        "advice when the loss sticks at ln K is to lower it; 0.02 learned best at batch 256 here)")
     p.add_argument("--sinkhorn-iterations", type=int, default=3, help="Sinkhorn-Knopp iterations (paper: 3)")
     p.add_argument("--hidden-dim", type=int, default=2048, help="projection head width (paper: 2048)")
     p.add_argument("--out-dim", type=int, default=128, help="projection output, the prototypes' width (paper: 128)")
+    p.add_argument("--color-strength", type=float, default=0.5,
+                   help="colour distortion strength s of every crop (paper: 1.0; 0.5 is SimCLR's CIFAR-10 value: at "
+                        "batch 256, 1.0 collapsed here)")
     p.add_argument("--num-prototypes", type=int, default=1000,
-                   help="K (paper: 3000 for ImageNet; solo-learn keeps 3000 on CIFAR, lightly uses 512)")
+                   help="K, the number of clusters (paper: 3000 on ImageNet; on CIFAR-10 lightly's benchmark uses "
+                        "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
     p.add_argument("--num-small-crops", type=int, default=6,
                    help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop")
     p.add_argument("--small-crop-size", type=int, default=16,
@@ -197,7 +215,7 @@ def get_args_parser():
                    metavar="Q", help="Q past features per global crop that join the batch for the codes only; 0: "
                         "off; trimmed to a multiple of --batch-size (reference README: 3840 = 15 x 256 at batch 256)")
     p.add_argument("--queue-start-epoch", type=int, default=15,
-                   help="the queue fills from this epoch on (reference code: 15 of 200)")
+                   help="the queue fills from this epoch on (reference code: 15 of 200; no gain in short runs here)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
     return p
 
@@ -252,20 +270,22 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 5. backward, clip, step; the prototypes stay where they are for the first iterations (the reference
         # cancels their gradient: a moving target while the network is random invites collapse); a non-finite
         # loss or gradient stops the run before it reaches a checkpoint
+        # (loss, gradient norm and the collapse monitors come back to the CPU together: the step's one sync)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if step < args.freeze_prototypes_iters:
             model.prototypes.weight.grad = None  # AdamW skips a parameter without gradient: no decay either
         scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
-        # the collapse monitors: which prototype is nearest to each global crop (all in one cluster: 1 used)
-        # and the codes' entropy (ln K when Sinkhorn has nothing but the uniform assignment to offer)
+        # the collapse monitors (see step 6): which prototype is nearest to each global crop (all in one
+        # cluster: 1 used) and the codes' entropy (ln K when Sinkhorn has nothing but the uniform assignment)
+        embed_std = F.normalize(h[:2 * B].detach().float(), dim=1).std(dim=0).mean()
         used = torch.bincount(scores[:2].detach().argmax(dim=-1).flatten(), minlength=scores.shape[-1])  # (K,)
         if distributed:
             dist.all_reduce(used)
         entropy = -(codes * codes.clamp_min(1e-12).log()).sum(dim=-1).mean()     # nats, mean over 2B codes
-        loss_value, grad_value, used_value, entropy_value = torch.stack(
-            [loss.detach(), grad_norm.float(), (used > 0).sum().float(), entropy]).tolist()  # the step's one sync
+        loss_value, grad_value, std_value, used_value, entropy_value = torch.stack(
+            [loss.detach(), grad_norm.float(), embed_std, (used > 0).sum().float(), entropy]).tolist()
         # (an fp16 gradient scaler skips overflowing steps itself: there an inf gradient is routine)
         for name, value in (("loss", loss_value), ("gradient norm", None if scaler.is_enabled() else grad_value)):
             if value is not None and not math.isfinite(value):
@@ -274,11 +294,11 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         scaler.step(optimizer)
         scaler.update()
 
-        # 6. log: loss and the collapse monitors, the per-dimension std of the normalized CLS feature of the
-        # global crops (z sits on the unit sphere by construction, so the backbone's h is what to watch)
+        # 6. log: loss and the collapse monitors; embed_std is the per-dimension std of the normalized CLS
+        # feature of the global crops, the representation the k-NN and eval_linear see (as in the other methods)
         seen += B * world
         loss_sum += loss_value
-        std_sum += F.normalize(h[:2 * B].detach().float(), dim=1).std(dim=0).mean().item()
+        std_sum += std_value
         entropy_sum += entropy_value
         used_sum += used_value
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -332,9 +352,15 @@ def main(argv=None):
     mean, std = data.MEAN_STD[args.dataset]
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
     train_tf = data.multicrop_transform(args.img_size, mean, std, n_global=2, n_local=args.num_small_crops,
-                                        local_size=args.small_crop_size)
+                                        local_size=args.small_crop_size, strength=args.color_strength)
     train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    if args.gpu_aug:  # the same recipe, made on the device a batch at a time (the PIL transform goes unused)
+        specs = data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
+                                       local_size=args.small_crop_size, strength=args.color_strength)
+        loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
+                                          seed=args.seed)
+    else:
+        loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
@@ -387,7 +413,8 @@ def main(argv=None):
             raise SystemExit(f"error: {ckpt_path} is not a swav checkpoint of this repo "
                              f"(method {ckpt.get('method')!r}, keys {sorted(ckpt)})")
         # the run's recipe must be the same; what may change: length, machine, logging
-        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out"}
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
+                "gpu_aug"}  # --gpu-aug: the same recipe, other random draws
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:

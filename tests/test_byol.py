@@ -3,6 +3,7 @@ p = z; the heads' layer list; the target network (no gradient, the exact EMA rul
 cosine schedule's end points, the stop-gradient on its projections); the script in one process and in two
 gloo processes on the same global batch; learning on a fixed batch; --resume bit for bit with the target
 network; bad flags and NaN guards. Each test names the bug it catches."""
+import copy
 import math
 
 import pytest
@@ -62,6 +63,23 @@ def fixed_batch_run(schedule_tau, steps=3, lr=1e-3, spy=None):
         losses.append(byol.train_one_epoch(model, model, loader, optimizer, scaler, lambda s: lr, schedule_tau,
                                            epoch, args)["loss"])
     return model, losses
+
+
+def test_each_view_predicts_the_other_views_target_both_ways(monkeypatch):
+    """Catches a loss that is not symmetrized (one direction, doubled) and a prediction scored against the
+    target projection of its own view instead of the other view's."""
+    calls = []
+    monkeypatch.setattr(byol, "byol_loss", lambda p, z, real=byol.byol_loss: calls.append((p, z)) or real(p, z))
+    before = []
+    model, _ = fixed_batch_run(lambda step: 0.99, steps=1, spy=lambda m: before.append(copy.deepcopy(m)))
+    (x1, x2), _ = next(iter(torch.utils.data.DataLoader(
+        FixedViews(32, data.byol_transforms(32, *data.MEAN_STD["folder"])), batch_size=32)))
+    with torch.no_grad():  # each view alone through the model as it was before the step (BN per view: the same)
+        (_, p1, z1), (_, p2, z2) = before[0](x1, num_views=1), before[0](x2, num_views=1)
+    assert len(calls) == 2
+    for (p, z), (p_want, z_want) in zip(calls, [(p1, z2), (p2, z1)]):
+        torch.testing.assert_close(p.detach(), p_want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(z, z_want, atol=1e-5, rtol=1e-4)
 
 
 def test_train_one_epoch_learns_and_the_target_follows_by_ema():
