@@ -1,0 +1,424 @@
+"""Training speed of each method against the same method assembled from the lightly library, in one run.
+
+For SimCLR, MoCo v3, BYOL and SwAV: images per second of our training step (the method file's own
+train_one_epoch, with the model, optimizer, schedules and loader built as its main() builds them) against a
+step made of lightly's pieces: its view transforms, projection / prediction heads, loss, momentum update and,
+for SwAV, its prototypes and Sinkhorn (inside SwaVLoss), on timm's VisionTransformer of the same shape. Both
+sides get the same images (an evenly spaced subset of the train split), the same head widths, crops, batch,
+DataLoader workers, AdamW, gradient clipping and precision (fp32 on CPU; on CUDA the backbone under bf16
+autocast, heads and losses in fp32, as our scripts do). The sides alternate per method and round (who goes
+first alternates too); a side's figure is the median over rounds, the ratio ours/lightly (> 1: ours faster).
+A run times --steps steps after --warmup steps; a step's time runs from the arrival of its batch to the
+arrival of the next, so it holds the wait for data as well as the compute.
+
+    python -m venv --system-site-packages /tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly
+    /tmp/lightly-venv/bin/python benchmarks/method_speed.py                      # CPU, vit_mini/8, batch 128
+    /tmp/lightly-venv/bin/python benchmarks/method_speed.py --methods swav --profile   # where the time goes
+    /tmp/lightly-venv/bin/python benchmarks/method_speed.py --device cuda --arch vit_tiny --batch-size 512
+
+lightly is a benchmark-only extra, installed apart (it pulls in pytorch-lightning): never a dependency of
+training, of the tests or of requirements*.txt.
+
+What is the same on both sides: backbone shape (timm's ViT with our preset's width, depth, heads and patch),
+the views of every backbone call batched the way our method file batches them (both views in one call; SwAV
+one call per crop size), heads called per view where ours are (MoCo's and BYOL's, so the BatchNorm statistics
+are per view), the head widths and layer counts of our defaults, the transforms' parameters (crop scales,
+colour strength, grayscale, solarization, no blur at 32 px, 2 x 32 + 6 x 16 px crops for SwAV), MoCo's and
+BYOL's momentum networks (ViT + projector, both views), SwAV's prototypes frozen for the first iterations.
+
+What differs and could not be made equal (read the ratio with these in mind):
+  - backbone: ours is vit.py (fixed sin-cos position embedding, not trained), lightly's side timm's (learned
+    position embedding; for SwAV dynamic_img_size resamples it for the 16 px crops every step). The
+    backbones alone are compared by benchmarks/vit_speed.py.
+  - transforms: lightly's crop is bilinear where SimCLR's and BYOL's recipes (ours) are bicubic; lightly adds
+    vertical flip and rotation steps at probability 0 and draws its blur / solarization coins from numpy
+    even at probability 0. Our loader seeds every image's draws (data.SeededViews); lightly's side is a
+    plain shuffled DataLoader.
+  - noise: the runs of a method alternate, but a run lasts seconds; on a shared machine the load changes
+    between runs. Read the per-round lines printed above the table and use more --rounds where it matters.
+  - heads: lightly's last BatchNorm of SimCLR's and MoCo's heads is affine (ours is not), its BYOL heads'
+    first Linear has no bias (ours has), its SwAV prototypes have a bias (ours have none). MoCo v3's
+    predictor is lightly's MoCoProjectionHead with 2 layers (lightly has no MoCo v3 predictor class).
+  - losses: MoCo v3 on lightly's side is NTXentLoss(q, k) at tau 0.2, which also scores q against q and k
+    against k (a (2B, 2B) problem where MoCo v3's ctr is (B, B)). BYOL uses NegativeCosineSimilarity.
+    SwAV: SwaVLoss runs Sinkhorn per global crop inside the loss, ours before it; neither side has a queue
+    (ours starts it at epoch 15).
+  - step: ours also computes the collapse monitor (embed_std; SwAV's prototype use and code entropy), checks
+    the loss and gradient norm for NaN, sets the lr of every step and updates a tqdm bar; lightly's side reads
+    loss.item() once per step and keeps a constant lr. Weight decay groups: ours by param_groups, lightly's
+    by get_weight_decay_parameters (the same split up to the tokens).
+It does not measure accuracy, distributed runs, torch.compile or the --gpu-aug path.
+"""
+import argparse
+import contextlib
+import copy
+import itertools
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Subset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import byol  # noqa: E402
+import data  # noqa: E402
+import moco  # noqa: E402
+import simclr  # noqa: E402
+import swav  # noqa: E402
+import vit  # noqa: E402
+
+MODULES = {"simclr": simclr, "moco": moco, "byol": byol, "swav": swav}
+DEFAULT_PATCH = {"vit_mini": 8, "vit_tiny": 4}
+INSTALL = ("pip install lightly in a separate environment: python -m venv --system-site-packages "
+           "/tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly, then run this script with "
+           "/tmp/lightly-venv/bin/python")
+
+
+def import_lightly():
+    """lightly's pieces and timm's ViT, or a one-line error saying how to get them."""
+    try:
+        import lightly
+        from lightly import loss
+        from lightly.models import utils
+        from lightly.models.modules import heads
+        from lightly import transforms
+        from lightly.utils.scheduler import cosine_schedule
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e:
+        raise SystemExit(f"error: {e}: {INSTALL}") from None
+    return SimpleNamespace(version=lightly.__version__, loss=loss, utils=utils, heads=heads,
+                           transforms=transforms, cosine_schedule=cosine_schedule, TimmViT=VisionTransformer)
+
+
+# ---- timing ----
+
+class Clocked:
+    """A loader that notes when each batch arrives; everything else (len, dataset, sampler: what train_one_epoch
+    and data.set_epoch use) is the wrapped loader's."""
+
+    def __init__(self, loader):
+        self.loader, self.stamps = loader, []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.stamps.append(time.perf_counter())
+            yield batch
+
+
+def images_per_second(clocked, warmup, steps, batch_size):
+    """Steps warmup .. warmup+steps-1, each from its batch's arrival to the next's (the loader holds one more)."""
+    return steps * batch_size / (clocked.stamps[warmup + steps] - clocked.stamps[warmup])
+
+
+def subset(dataset, n):
+    """n images evenly spaced over the dataset (an ImageFolder is sorted by class: this takes every class)."""
+    if n > len(dataset):
+        raise SystemExit(f"error: a run needs {n} images, the train split has {len(dataset)}: lower --batch-size "
+                         f"or --steps")
+    return Subset(dataset, range(0, len(dataset), len(dataset) // n)[:n])
+
+
+# ---- ours: the method file's own step ----
+
+def ours_args(method, a):
+    """The method's args as its command line would give them: its defaults, our size, data and loader."""
+    return MODULES[method].get_args_parser().parse_args([
+        "--dataset", "folder", "--data-dir", a.data_dir, "--arch", a.arch, "--patch-size", str(a.patch_size),
+        "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--device", a.device,
+        "--precision", "bf16" if a.device.startswith("cuda") else "fp32", "--knn-every", "0"])
+
+
+def ours_transform(method, args, mean, std):
+    """The training transform each main() builds."""
+    if method == "simclr":
+        return data.MultiView(data.simclr_transform(args.img_size, mean, std, strength=args.color_strength), n=2)
+    if method in ("moco", "byol"):
+        return data.MultiView(data.byol_transforms(args.img_size, mean, std))
+    return data.multicrop_transform(args.img_size, mean, std, n_global=2, n_local=args.num_small_crops,
+                                    local_size=args.small_crop_size, strength=args.color_strength)
+
+
+def ours_model(method, args):
+    """The model each main() builds (one process: no DDP, no torch.compile)."""
+    torch.manual_seed(args.seed)
+    backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
+                                    freeze_patch_embed=args.freeze_patch_embed)
+    if method == "simclr":
+        return simclr.SimCLR(backbone, args.hidden_dim, args.out_dim)
+    if method == "moco":
+        return moco.MoCo(backbone, args.hidden_dim, args.out_dim)
+    if method == "byol":
+        return byol.BYOL(backbone, args.hidden_dim, args.out_dim)
+    return swav.SwAV(backbone, args.hidden_dim, args.out_dim, args.num_prototypes)
+
+
+def run_ours(method, a):
+    """One epoch of the method's train_one_epoch over warmup + steps + 1 batches; images per second."""
+    module, args = MODULES[method], ours_args(method, a)
+    device = torch.device(a.device)
+    mean, std = data.MEAN_STD[args.dataset]
+    train_set = data.build_dataset(args.dataset, args.data_dir, "train", ours_transform(method, args, mean, std))
+    n_batches = a.warmup + a.steps + 1
+    loader = Clocked(data.build_loader(subset(train_set, n_batches * a.batch_size), args.batch_size,
+                                       args.workers, train=True, seed=args.seed))
+    model = ours_model(method, args).to(device)
+    lr = args.lr * args.batch_size / 256  # as main(): the linear scaling rule
+    optimizer = torch.optim.AdamW(module.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
+    total_steps = args.epochs * len(loader)
+    warmup_steps = min(args.warmup_epochs * len(loader), total_steps // 4)  # main()'s short-run rule
+    lr_schedule = lambda step: module.cosine_schedule(step, total_steps, warmup_steps, lr)  # noqa: E731
+    momentum_schedule = lambda step: module.cosine_schedule(step, total_steps, 0, args.momentum, 1.0)  # noqa: E731
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # the tqdm bar
+        if method == "simclr":
+            simclr.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, 0, args)
+        elif method == "moco":  # --queue 0 by default: MoCo v3 without a queue
+            moco.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, momentum_schedule, None, 0,
+                                 args)
+        elif method == "byol":
+            byol.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, momentum_schedule, 0, args)
+        else:  # the queue starts at --queue-start-epoch (15): none in epoch 0
+            swav.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, 0, args, queue=None)
+    return images_per_second(loader, a.warmup, a.steps, a.batch_size)
+
+
+# ---- lightly: the same method from lightly's pieces on timm's ViT ----
+
+def timm_backbone(L, args, dynamic):
+    """timm's ViT with our preset's shape; CLS token after the final norm, no classifier (as vit.py's)."""
+    size = vit.PRESETS[args.arch]
+    backbone = L.TimmViT(img_size=args.img_size, patch_size=args.patch_size, num_classes=0,
+                         dynamic_img_size=dynamic, **size)
+    if args.freeze_patch_embed:  # MoCo's default (v3 §4.2): the same trainable set as ours
+        backbone.patch_embed.requires_grad_(False)
+    return backbone
+
+
+def lightly_transform(method, args, L):
+    """lightly's view transforms with our recipes' parameters (ImageNet normalization, as our 'folder')."""
+    T = L.transforms
+    if method == "simclr":
+        return T.SimCLRTransform(input_size=args.img_size, cj_strength=args.color_strength, min_scale=0.08,
+                                 gaussian_blur=0.0)
+    if method in ("moco", "byol"):  # BYOL's asymmetric pair, without blur at 32 px (data.byol_specs)
+        return T.BYOLTransform(T.BYOLView1Transform(input_size=args.img_size, gaussian_blur=0.0),
+                               T.BYOLView2Transform(input_size=args.img_size, gaussian_blur=0.0))
+    return T.SwaVTransform(crop_sizes=(args.img_size, args.small_crop_size), crop_counts=(2, args.num_small_crops),
+                           crop_min_scales=(0.14, 0.05), crop_max_scales=(1.0, 0.14),
+                           cj_strength=args.color_strength, gaussian_blur=0.0)
+
+
+class LightlyMethod(nn.Module):
+    """Shared: the backbone under autocast on CUDA (heads and losses in fp32, as ours), no-op hooks."""
+
+    def __init__(self, backbone, amp):
+        super().__init__()
+        self.backbone, self.amp = backbone, amp
+
+    def features(self, backbone, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return backbone(x).float()                                    # (N, D)
+
+    def trainable(self):
+        return [self.backbone]
+
+    def after_step(self, step):
+        pass
+
+
+class LightlySimCLR(LightlyMethod):
+    def __init__(self, backbone, args, L, amp):
+        super().__init__(backbone, amp)
+        D = backbone.embed_dim
+        self.head = L.heads.SimCLRProjectionHead(D, args.hidden_dim, args.out_dim, num_layers=2, batch_norm=True)
+        self.criterion = L.loss.NTXentLoss(temperature=args.temperature)
+
+    def trainable(self):
+        return [self.backbone, self.head]
+
+    def forward(self, views, step):
+        z0, z1 = self.head(self.features(self.backbone, torch.cat(views))).chunk(2)  # (B, out_dim) each
+        return self.criterion(z0, z1)
+
+
+class LightlyMomentum(LightlyMethod):
+    """MoCo v3 and BYOL: online backbone + projector + predictor, a momentum copy of backbone + projector."""
+
+    def __init__(self, backbone, projector, predictor, criterion, momentum, total_steps, L, amp):
+        super().__init__(backbone, amp)
+        self.projector, self.predictor, self.criterion, self.L = projector, predictor, criterion, L
+        self.momentum_backbone = copy.deepcopy(backbone)
+        self.momentum_projector = copy.deepcopy(projector)
+        L.utils.deactivate_requires_grad(self.momentum_backbone)
+        L.utils.deactivate_requires_grad(self.momentum_projector)
+        self.momentum, self.total_steps = momentum, total_steps
+
+    def trainable(self):
+        return [self.backbone, self.projector, self.predictor]
+
+    def forward(self, views, step):
+        x = torch.cat(views)                                              # (2B, C, H, W)
+        p = [self.predictor(self.projector(h)) for h in self.features(self.backbone, x).chunk(2)]
+        with torch.no_grad():
+            z = [self.momentum_projector(h) for h in self.features(self.momentum_backbone, x).chunk(2)]
+        return self.criterion(p[0], z[1]) + self.criterion(p[1], z[0])
+
+    def after_step(self, step):
+        m = self.L.cosine_schedule(step, self.total_steps, self.momentum, 1.0)
+        self.L.utils.update_momentum(self.backbone, self.momentum_backbone, m)
+        self.L.utils.update_momentum(self.projector, self.momentum_projector, m)
+
+
+class LightlySwAV(LightlyMethod):
+    def __init__(self, backbone, args, L, amp):
+        super().__init__(backbone, amp)
+        D = backbone.embed_dim
+        self.head = L.heads.SwaVProjectionHead(D, args.hidden_dim, args.out_dim)
+        self.prototypes = L.heads.SwaVPrototypes(args.out_dim, args.num_prototypes,
+                                                 n_steps_frozen_prototypes=args.freeze_prototypes_iters)
+        self.criterion = L.loss.SwaVLoss(temperature=args.temperature, sinkhorn_iterations=args.sinkhorn_iterations,
+                                         sinkhorn_epsilon=args.epsilon)
+
+    def trainable(self):
+        return [self.backbone, self.head, self.prototypes]
+
+    def forward(self, crops, step):
+        self.prototypes.normalize()
+        # one backbone call per crop size, as ours (a ViT batch has one sequence length)
+        groups = [list(g) for _, g in itertools.groupby(crops, key=lambda x: x.shape[-1])]
+        h = torch.cat([self.features(self.backbone, torch.cat(g)) for g in groups])  # (V*B, D)
+        z = F.normalize(self.head(h), dim=1)                                          # (V*B, out_dim)
+        scores = list(self.prototypes(z, step).chunk(len(crops)))                    # V x (B, K)
+        return self.criterion(scores[:2], scores[2:])
+
+
+def lightly_model(method, args, L, total_steps, amp):
+    backbone = timm_backbone(L, args, dynamic=method == "swav")
+    D, H = backbone.embed_dim, L.heads
+    if method == "simclr":
+        return LightlySimCLR(backbone, args, L, amp)
+    if method == "moco":  # MoCo v3: 3-layer projector, 2-layer predictor, BN everywhere (§3)
+        return LightlyMomentum(
+            backbone, H.MoCoProjectionHead(D, args.hidden_dim, args.out_dim, num_layers=3, batch_norm=True),
+            H.MoCoProjectionHead(args.out_dim, args.hidden_dim, args.out_dim, num_layers=2, batch_norm=True),
+            L.loss.NTXentLoss(temperature=args.temperature), args.momentum, total_steps, L, amp)
+    if method == "byol":
+        return LightlyMomentum(
+            backbone, H.BYOLProjectionHead(D, args.hidden_dim, args.out_dim),
+            H.BYOLPredictionHead(args.out_dim, args.hidden_dim, args.out_dim),
+            L.loss.NegativeCosineSimilarity(), args.momentum, total_steps, L, amp)
+    return LightlySwAV(backbone, args, L, amp)
+
+
+def run_lightly(method, a, L):
+    """The lightly-assembled step over warmup + steps + 1 batches of the same images; images per second."""
+    args = ours_args(method, a)  # only for the hyperparameters: the same widths, temperatures, momentum
+    device = torch.device(a.device)
+    train_set = torchvision.datasets.ImageFolder(os.path.join(a.data_dir, "train"),
+                                                 transform=lightly_transform(method, args, L))
+    n_batches = a.warmup + a.steps + 1
+    loader = Clocked(DataLoader(subset(train_set, n_batches * a.batch_size), batch_size=a.batch_size, shuffle=True,
+                                num_workers=a.workers, pin_memory=device.type == "cuda", drop_last=True))
+    torch.manual_seed(args.seed)
+    model = lightly_model(method, args, L, args.epochs * n_batches, amp=device.type == "cuda").to(device)
+    decay, no_decay = L.utils.get_weight_decay_parameters(model.trainable())
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr * args.batch_size / 256, betas=(0.9, 0.999))
+    model.train()
+    for step, (views, _) in enumerate(loader):
+        views = [v.to(device, non_blocking=True) for v in views]
+        loss = model(views, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        model.after_step(step)
+        loss.item()  # the step's sync, as a training loop's logging has it
+    return images_per_second(loader, a.warmup, a.steps, a.batch_size)
+
+
+# ---- report ----
+
+def hardware(device):
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    line = f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.startswith("cuda"):
+        line += f", {torch.cuda.get_device_name()}"
+    return line
+
+
+def profile(method, a, L):
+    """Each side's run under torch.profiler: the ops of the main process by self CPU time (workers not seen)."""
+    for side, run in (("ours", lambda: run_ours(method, a)), ("lightly", lambda: run_lightly(method, a, L))):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        print(f"\n## {method}, {side}: {a.warmup + a.steps + 1} steps, top ops by self CPU time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="simclr,moco,byol,swav", help="comma-separated")
+    p.add_argument("--arch", default="vit_mini", choices=sorted(DEFAULT_PATCH))
+    p.add_argument("--patch-size", type=int, default=None, help="default: 8 for vit_mini, 4 for vit_tiny")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both sides")
+    p.add_argument("--rounds", type=int, default=2, help="runs per side and method, alternating")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/datasets/cifar10"),
+                   help="ImageFolder tree with train/ (its train split is used)")
+    p.add_argument("--profile", action="store_true", help="one profiled run per side instead of the benchmark")
+    a = p.parse_args(argv)
+    a.patch_size = a.patch_size or DEFAULT_PATCH[a.arch]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}: choose from {', '.join(MODULES)}")
+    L = import_lightly()
+    if a.profile:
+        for method in methods:
+            profile(method, a, L)
+        return
+
+    rates = {m: {"ours": [], "lightly": []} for m in methods}
+    for r in range(a.rounds):
+        for method in methods:
+            for side in (("ours", "lightly") if r % 2 == 0 else ("lightly", "ours")):
+                rate = run_ours(method, a) if side == "ours" else run_lightly(method, a, L)
+                rates[method][side].append(rate)
+                print(f"round {r + 1}/{a.rounds} {method:6s} {side:7s} {rate:7.1f} img/s", flush=True)
+
+    print(f"\n{a.arch}/{a.patch_size}, batch {a.batch_size}, {a.workers} loader worker(s), {a.steps} timed steps "
+          f"after {a.warmup}, median of {a.rounds} round(s), {a.device} "
+          f"({'bf16 autocast' if a.device.startswith('cuda') else 'fp32'}); lightly {L.version}\n")
+    print("| method | ours img/s | lightly img/s | ratio ours/lightly |")
+    print("|---|---|---|---|")
+    for method in methods:
+        ours, theirs = (statistics.median(rates[method][s]) for s in ("ours", "lightly"))
+        print(f"| {method} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
+    print(f"\nhardware: {hardware(a.device)}")
+    print("command: python " + " ".join(sys.argv if argv is None else [sys.argv[0], *argv]))
+
+
+if __name__ == "__main__":
+    main()

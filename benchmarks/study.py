@@ -1,0 +1,725 @@
+"""The study: which self-supervised pretraining gives a ViT the best features, how well they generalize and
+transfer, against which baselines, at what cost (issue 10). One command runs it:
+
+    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10 copy, about an hour on 2 CPU cores;
+                                                       # --docs: the figures also go to docs/ for the README
+    python benchmarks/study.py --protocol gpu          # ViT-Tiny/4, all of CIFAR-10, 100 epochs, one GPU
+    python benchmarks/study.py --protocol gpu-quick    # the gpu protocol cut down to minutes (a first look)
+    python benchmarks/study.py --protocol gpu --seeds 3      # mean ± std over seeds 0, 1, 2
+    python benchmarks/study.py --protocol cpu --dry-run      # print every command, run nothing
+    python benchmarks/plots.py runs/study --docs       # the figures again, from a finished study folder
+
+SimCLR, MoCo v3, BYOL and SwAV pretrain the same backbone on the same images for the same epochs and batch,
+each through its own command line (`python <method>.py ...`, the paper's defaults for everything the study does
+not fix), next to two baselines: the same ViT untrained (random init) and the same ViT trained with the labels
+of the same images for the same epochs (eval_linear.finetune from random init: supervised). Every network is
+then measured with eval_linear's protocols (weighted k-NN k=20 T=0.07; the linear probe's defaults):
+  - pretraining effect: k-NN and linear probe on CIFAR-10 (all train labels -> top-1 on test);
+  - label efficiency: the same probe trained on fixed stratified 1% and 10% of the train labels;
+  - unseen classes: each method pretrained again on five classes, k-NN / linear on the other five;
+  - transfer: k-NN / linear on another dataset (tinyimagenet20 by default) at the pretraining resolution;
+  - cost: pretraining wall-clock and images/s on the hardware used.
+The evaluations run in this process with eval_linear's functions, so the features are extracted once per network
+and data (the CLI would extract them again for every probe); each results row records the eval_linear command
+that reproduces its k-NN and full-label linear numbers.
+
+A killed study resumes: a run whose checkpoint.pt is complete (epoch == epochs) is skipped, a partial one is
+continued with the method's --resume, and an evaluation already in results.jsonl for the same checkpoint file
+(same modification time) is not redone. The supervised baseline has no checkpoint mid-run: it restarts.
+
+Does a fixed subset seen for several epochs teach as much as one pass over all 50,000 images at the same cost
+(the cpu protocol's choice)? The same number of steps both ways, SimCLR and the supervised baseline:
+    python benchmarks/study.py --protocol cpu --methods simclr --no-unseen --out runs/study_sub5
+    python benchmarks/study.py --protocol cpu --methods simclr --no-unseen --subset-per-class 0 --epochs 1 \\
+        --knn-every 1 --out runs/study_full1
+
+The output folder (--out, default runs/study):
+  data/                     symlinked ImageFolder trees: the pretraining subset, the five seen / five unseen classes
+  runs/<method>_s<seed>/    checkpoint.pt + log.jsonl of each pretraining on all classes (the method's own CLI)
+  runs/<method>5_s<seed>/   the same, pretrained on the five seen classes only
+  runs/random_s<seed>/, runs/supervised_s<seed>/, runs/supervised5_s<seed>/   the baselines, same file format
+  results.jsonl             one line per pretraining (cost, command) and per evaluation (numbers, command)
+  table.md                  the markdown table, one line per protocol under it, the command and the hardware
+  study.json                the resolved settings (benchmarks/plots.py reads it)
+  figures/                  curves.png, attention.png, pca.png, views_<method>.png (with matplotlib installed)
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import eval_linear  # noqa: E402
+import vit  # noqa: E402
+
+METHODS = ["simclr", "moco", "byol", "swav"]
+LABELS = {"random": "random init", "supervised": "supervised", "simclr": "SimCLR", "moco": "MoCo v3",
+          "byol": "BYOL", "swav": "SwAV"}
+LABEL_FRACTIONS = (0.01, 0.1)   # label efficiency: the SimCLR / BYOL semi-supervised tables' 1% and 10%
+LABEL_SUBSET_SEED = 0           # the same labelled subsets for every network and every seed
+
+# ---- protocols ----
+# Everything the methods share is fixed here; each method's own hyperparameters (lr per 256 images, weight
+# decay, temperature, momentum, heads) are its file's defaults, the paper's values. subset_per_class 0 = all
+# train images. knn_every: the k-NN monitor in each run's log.jsonl (the curves figure), on the pretraining
+# tree (its train subset as the memory bank, the full test split), for the runs on all classes only.
+PROTOCOLS = {
+    # 2 CPU cores, about an hour. vit_mini/8 (ViT-Tiny's width, half its depth; 16 tokens at 32 px), the size of
+    # the README's CPU rows. Training cost per image relative to SimCLR, measured as CPU time of 10 steps of batch
+    # 256 on one thread (robust on a shared machine; two rounds): MoCo v3 1.7x (a 3-layer 4096-wide projector,
+    # the momentum network), BYOL 1.3x, SwAV 2.0x (8 crops), supervised 0.52x (one view), feature extraction
+    # 0.22x. From SimCLR's 190 img/s on the unshared machine: 110 / 148 / 96 / 365 img/s, 860 img/s to extract.
+    # The study then takes about 59 minutes: 43 pretraining (all classes, the five-class runs and supervised),
+    # 5 in the k-NN monitor, 10 evaluating (70 s per network for the 60,000 CIFAR-10 images), 1 for the rest.
+    # 1,000 images per class for 5 epochs cost what one pass over all 50,000 costs, and give a checkpoint and a
+    # curve point every epoch instead of one at the end (a stopped study loses at most an epoch). Whether they
+    # also teach as much: --subset-per-class 0 --epochs 1 measures it (see the README).
+    "cpu": dict(arch="vit_mini", patch_size=8, img_size=32, subset_per_class=1000, epochs=5, batch_size=256,
+                warmup_epochs=1, knn_every=2, workers=1, seeds=1),
+    # One GPU: ViT-Tiny/4 (64 tokens at 32 px) on all 50,000 images for the method files' default 100 epochs
+    # (--epochs 200 for the longer run), batch 512, 10 warmup epochs: the runs a user with one GPU would do.
+    "gpu": dict(arch="vit_tiny", patch_size=4, img_size=32, subset_per_class=0, epochs=100, batch_size=512,
+                warmup_epochs=10, knn_every=10, workers=8, seeds=1),
+    # The gpu protocol cut down to finish in under 8 minutes on one H100, sized by estimate (not measured: the
+    # data loaders, ~5,000 two-view images/s on 8 workers, bound the step): the cpu protocol's 10,000 images, 15
+    # epochs, batch 256 (39 steps an epoch rather than 19 at 512). If it runs over, lower --epochs.
+    "gpu-quick": dict(arch="vit_tiny", patch_size=4, img_size=32, subset_per_class=1000, epochs=15, batch_size=256,
+                      warmup_epochs=1, knn_every=5, workers=8, seeds=1),
+}
+
+
+def method_flags(method, cfg, num_images):
+    """The flags a method gets beyond the shared ones: what SwAV's file sizes for 100+ epochs of all of CIFAR-10
+    at 32 px, sized to the protocol: the small crops' side, the prototype freezing, the queue."""
+    if method != "swav":
+        return []
+    small = max(cfg["patch_size"], cfg["img_size"] // 2 // cfg["patch_size"] * cfg["patch_size"])  # 32 -> 16 px
+    steps_per_epoch = max(1, num_images // cfg["batch_size"])
+    long_run = cfg["epochs"] >= 50  # the queue starts at epoch 15 (of the reference's 200): only in long runs
+    return ["--small-crop-size", str(small),
+            # the reference freezes the prototypes for its first epoch; the file counts CIFAR-10 epochs at 256
+            "--freeze-prototypes-iters", str(steps_per_epoch),
+            *(["--queue", "3840", "--queue-start-epoch", "15"] if long_run else ["--queue", "0"])]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
+                   help="settings preset, PROTOCOLS at the top of this file (default: %(default)s)")
+    p.add_argument("--out", default="runs/study", help="study folder (default: %(default)s)")
+    p.add_argument("--data-dir", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets", "cifar10")),
+                   help="pretraining data, an ImageFolder tree with train/ and test/ (default: the CIFAR-10 copy)")
+    p.add_argument("--transfer-dataset", default="folder", choices=["folder", "cifar10", "cifar100", "stl10"],
+                   help="transfer target (default: folder)")
+    p.add_argument("--transfer-data-dir", "--transfer-dir", dest="transfer_data_dir",
+                   default=os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets", "tinyimagenet20")),
+                   help="its root (default: tinyimagenet20, 20 Tiny ImageNet classes; e.g. --transfer-dataset "
+                        "cifar100 --transfer-data-dir data --download)")
+    p.add_argument("--download", action="store_true", help="let torchvision download a transfer dataset")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all four")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
+    p.add_argument("--no-unseen", action="store_true",
+                   help="skip the five-class pretrainings and the unseen-classes columns (a third of the cost)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--workers", type=int, default=None, help="data loading processes (default: protocol)")
+    g = p.add_argument_group("overrides of the protocol (tests, smaller or longer studies)")
+    for flag, kind in (("arch", str), ("patch-size", int), ("img-size", int), ("epochs", int), ("batch-size", int),
+                       ("warmup-epochs", int), ("knn-every", int), ("subset-per-class", int)):
+        note = " (0: all train images)" if flag == "subset-per-class" else ""
+        g.add_argument(f"--{flag}", type=kind, default=None, choices=sorted(vit.ARCHS) if flag == "arch" else None,
+                       help="default: the protocol's" + note)
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit; writes nothing")
+    p.add_argument("--no-figures", action="store_true", help="results and table only")
+    p.add_argument("--docs", action="store_true", help="also copy the figures to docs/ (for the README)")
+    return p
+
+
+# ---- paths ----
+
+def shown(path):
+    """A path as the printed commands give it: relative to the repository root (where they run) when it is in the
+    repository or beside it (../shared/...), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if rel.startswith(os.path.join("..", "..")) else rel
+
+
+def command_line(cmd):
+    return "python " + shlex.join(cmd[1:])
+
+
+def ckpt_state(path):
+    """(epoch, args, mtime) of a checkpoint, or None. mmap: MoCo's file holds two networks and the optimizer."""
+    if not os.path.exists(path):
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("epoch"), ckpt.get("args") or {}, os.stat(path).st_mtime_ns
+
+
+# ---- data trees ----
+
+def class_files(root, split):
+    d = os.path.join(root, split)
+    return {c: sorted(os.listdir(os.path.join(d, c))) for c in sorted(os.listdir(d))
+            if os.path.isdir(os.path.join(d, c))}
+
+
+def subset_files(files, per_class, seed=0):
+    """A fixed stratified subset: per class, `per_class` files drawn with `seed` from the sorted list (0: all)."""
+    if not per_class:
+        return files
+    return {c: sorted(random.Random(f"{seed}-{c}").sample(fs, min(per_class, len(fs)))) for c, fs in files.items()}
+
+
+def build_tree(dst, src, classes, per_class, dry_run=False):
+    """An ImageFolder tree of symlinks: train/<class>/ holds `per_class` images of each class (0: the whole class
+    folder), test/<class>/ the whole test folder of each class. Built once; tree.json says from what."""
+    manifest = {"source": os.path.realpath(src), "classes": classes, "per_class": per_class, "seed": 0}
+    if dry_run:
+        return dst
+    if os.path.exists(os.path.join(dst, "tree.json")):
+        with open(os.path.join(dst, "tree.json")) as f:
+            if json.load(f) != manifest:
+                raise SystemExit(f"{dst} was built from other data ({f.name}): use another --out")
+        return dst
+    if os.path.exists(dst):  # a tree whose building was interrupted (symlinks only: nothing else is removed)
+        shutil.rmtree(dst)
+    files = subset_files({c: fs for c, fs in class_files(src, "train").items() if c in classes}, per_class)
+    os.makedirs(os.path.join(dst, "train"))
+    os.makedirs(os.path.join(dst, "test"))
+    for c in classes:
+        if per_class:
+            os.makedirs(os.path.join(dst, "train", c), exist_ok=True)
+            for fname in files[c]:
+                os.symlink(os.path.realpath(os.path.join(src, "train", c, fname)), os.path.join(dst, "train", c, fname))
+        else:
+            os.symlink(os.path.realpath(os.path.join(src, "train", c)), os.path.join(dst, "train", c))
+        os.symlink(os.path.realpath(os.path.join(src, "test", c)), os.path.join(dst, "test", c))
+    with open(os.path.join(dst, "tree.json"), "w") as f:  # last: a tree without it is rebuilt
+        json.dump(manifest, f)
+    return dst
+
+
+# ---- the plan ----
+
+def make_plan(args):
+    """The resolved settings and every network of the study, as plain dicts (also written to study.json)."""
+    cfg = dict(PROTOCOLS[args.protocol])
+    for k in ("arch", "patch_size", "img_size", "epochs", "batch_size", "warmup_epochs", "knn_every",
+              "subset_per_class", "seeds", "workers"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    out = os.path.abspath(args.out)
+    src = os.path.abspath(args.data_dir)
+    if not os.path.isdir(os.path.join(src, "train")):
+        raise SystemExit(f"--data-dir {args.data_dir}: expected an ImageFolder tree with train/<class>/ and test/")
+    if args.transfer_dataset == "folder" and not os.path.isdir(args.transfer_data_dir):
+        raise SystemExit(f"--transfer-data-dir {args.transfer_data_dir} does not exist (an ImageFolder tree with "
+                         f"train/ and test/; or --transfer-dataset cifar100 --download)")
+    classes = sorted(class_files(src, "train"))
+    seen, unseen = classes[:len(classes) // 2], classes[len(classes) // 2:]   # CIFAR-10: airplane..deer | dog..truck
+    n = cfg["subset_per_class"]
+    tag = f"{n}pc" if n else "all"
+    trees = {
+        "eval": src,  # pretraining effect and label efficiency: all train labels, all test images
+        "pretrain": build_tree(os.path.join(out, "data", f"train_{tag}"), src, classes, n, args.dry_run) if n else src,
+        "seen": build_tree(os.path.join(out, "data", f"seen{len(seen)}_{tag}"), src, seen, n, args.dry_run),
+        # evaluation on the classes pretraining never saw: the same number of labelled images per class
+        "unseen": build_tree(os.path.join(out, "data", f"unseen{len(unseen)}_{tag}"), src, unseen, n, args.dry_run),
+    }
+    counts = {c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
+    num_images = {"pretrain": sum(counts.values()), "seen": sum(counts[c] for c in seen)}
+    missing = [m for m in args.methods if not os.path.exists(os.path.join(ROOT, f"{m}.py"))]
+    for m in missing:
+        print(f"note: {m}.py does not exist (yet): the study runs without it")
+    methods = [m for m in args.methods if m not in missing]
+    device = [] if args.device is None else ["--device", args.device]
+
+    models = []  # every network; "part": main (all classes) or unseen (pretrained on the seen classes)
+    for seed in range(cfg["seeds"]):
+        models.append(dict(name=f"random_s{seed}", model="random", seed=seed, part="main"))
+        for part, tree, suffix in (("main", "pretrain", ""), ("unseen", "seen", str(len(seen)))):
+            if part == "unseen" and args.no_unseen:
+                continue
+            models.append(dict(name=f"supervised{suffix}_s{seed}", model="supervised", seed=seed, part=part,
+                               data_dir=trees[tree], num_images=num_images[tree]))
+            for m in methods:
+                run_dir = os.path.join(out, "runs", f"{m}{suffix}_s{seed}")
+                cmd = [sys.executable, f"{m}.py", "--dataset", "folder", "--data-dir", shown(trees[tree]),
+                       "--arch", cfg["arch"], "--patch-size", str(cfg["patch_size"]),
+                       "--img-size", str(cfg["img_size"]),
+                       "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
+                       "--warmup-epochs", str(cfg["warmup_epochs"]), "--workers", str(cfg["workers"]),
+                       "--knn-every", str(cfg["knn_every"] if part == "main" else 0), "--seed", str(seed),
+                       *device, *method_flags(m, cfg, num_images[tree]), "--out", shown(run_dir)]
+                models.append(dict(name=f"{m}{suffix}_s{seed}", model=m, seed=seed, part=part, cmd=cmd,
+                                   data_dir=trees[tree], num_images=num_images[tree]))
+    for m in models:
+        m["run_dir"] = os.path.join(out, "runs", m["name"])
+        m["ckpt"] = os.path.join(m["run_dir"], "checkpoint.pt")
+        m["evals"] = ["cifar10", "transfer"] if m["part"] == "main" else []
+        if m["model"] == "random" and not args.no_unseen:
+            m["evals"].append("unseen")  # the untrained network is the same whatever it would have seen
+        if m["part"] == "unseen":
+            m["evals"] = ["unseen"]
+    return dict(protocol=args.protocol, cfg=cfg, out=out, trees=trees, classes=classes, seen=seen, unseen=unseen,
+                num_images=num_images, methods=methods, models=models, no_unseen=args.no_unseen,
+                transfer=dict(dataset=args.transfer_dataset, data_dir=args.transfer_data_dir, download=args.download),
+                device=args.device)
+
+
+# ---- pretraining ----
+
+def check_settings(model, state, cfg, check_epoch=True):
+    """A checkpoint found in the study folder must be of this study's settings: skipping or resuming a run of
+    another batch size or data would put a wrong number in the table."""
+    epoch, ckpt_args, _ = state
+    want = {"arch": cfg["arch"], "patch_size": cfg["patch_size"], "img_size": cfg["img_size"], "seed": model["seed"]}
+    if model["model"] != "random":
+        want["batch_size"] = cfg["batch_size"]
+    diff = [f"{k} {ckpt_args.get(k)} (study: {v})" for k, v in want.items() if ckpt_args.get(k) != v]
+    # the methods store --data-dir as the study gave it, relative to the repository root where they ran
+    trained_on = ckpt_args.get("data_dir") and os.path.realpath(os.path.join(ROOT, ckpt_args["data_dir"]))
+    if trained_on and trained_on != os.path.realpath(model["data_dir"]):
+        diff.append(f"data {ckpt_args['data_dir']} (study: {shown(model['data_dir'])})")
+    if check_epoch and epoch > cfg["epochs"]:
+        diff.append(f"epoch {epoch} (study: {cfg['epochs']} epochs)")
+    if diff:
+        raise SystemExit(f"{model['ckpt']} is of another study: {', '.join(diff)}; delete {model['run_dir']} or "
+                         f"choose another --out")
+
+
+def log_cost(run_dir):
+    """(training seconds, images/s) from a run's log.jsonl: the epochs' own times, without start-up and the k-NN
+    monitor; images/s counts images, each with all its views."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        lines = [json.loads(s) for s in f if s.strip()]
+    seconds = sum(r["seconds"] for r in lines)
+    images = sum(r["img_per_s"] * r["seconds"] for r in lines)
+    return seconds, images / max(seconds, 1e-9)
+
+
+def pretrain(model, cfg, dry_run):
+    """Run (or skip, or resume) one method's pretraining through its own CLI. Returns True if it trained now."""
+    state = ckpt_state(model["ckpt"])
+    cmd = list(model["cmd"])
+    if state is not None:
+        check_settings(model, state, cfg)
+        if state[0] == cfg["epochs"]:
+            print(f"[study] {model['name']}: complete ({state[0]}/{cfg['epochs']} epochs), skipped")
+            return False
+        cmd.append("--resume")
+        print(f"[study] {model['name']}: resuming after epoch {state[0]} of {cfg['epochs']}")
+    print(f"[study] {model['name']}: {command_line(cmd)}", flush=True)
+    if dry_run:
+        return False
+    if state is None and os.path.exists(os.path.join(model["run_dir"], "log.jsonl")):
+        os.remove(os.path.join(model["run_dir"], "log.jsonl"))  # the log of a deleted checkpoint: not this run's
+    t0 = time.time()
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise RuntimeError(f"{model['name']} failed: {command_line(cmd)}")
+    model["wall_seconds"] = time.time() - t0
+    return True
+
+
+def save_baseline(path, backbone, method, epoch, args, **extra):
+    """A baseline as a checkpoint of the repo's format, so eval_linear.load_backbone and the figures read it like
+    the methods' (no optimizer: a baseline is never resumed)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"method": method, "epoch": epoch, "args": args, "vit_kwargs": backbone.kwargs,
+                "backbone": backbone.state_dict(), **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def random_init(model, cfg, dry_run):
+    """The untrained ViT, built exactly as `eval_linear.py --random-init --arch ... --seed s` builds it (and as every
+    method's run of the same seed starts). Its args carry no dataset: evaluated, it normalizes like the data."""
+    print(f"[study] {model['name']}: the untrained {cfg['arch']}/{cfg['patch_size']}, seed {model['seed']}")
+    state = ckpt_state(model["ckpt"])
+    if state is not None:
+        check_settings(model, state, cfg)
+    if dry_run or state is not None:
+        return False
+    torch.manual_seed(model["seed"])
+    backbone = vit.ARCHS[cfg["arch"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
+    save_baseline(model["ckpt"], backbone, "random init", 0,
+                  {"arch": cfg["arch"], "patch_size": cfg["patch_size"], "img_size": cfg["img_size"],
+                   "seed": model["seed"]})
+    return True
+
+
+def supervised_command(model, cfg):
+    """The eval_linear command that trains the same network the same way and prints its fine-tune top-1."""
+    return ["python", "eval_linear.py", "--random-init", "--arch", cfg["arch"], "--patch-size", str(cfg["patch_size"]),
+            "--img-size", str(cfg["img_size"]), "--dataset", "folder", "--data-dir", shown(model["data_dir"]),
+            "--no-probe", "--finetune", "--finetune-epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
+            "--workers", str(cfg["workers"]), "--seed", str(model["seed"])]
+
+
+def supervised(model, cfg, device, dry_run):
+    """The supervised baseline: eval_linear's fine-tuning from random init (`eval_linear.py --random-init
+    --finetune`) on the pretraining images for the same epochs and batch, in this process so that the trained
+    backbone is kept (the CLI keeps only its accuracy). Same seeds and order of calls as the CLI: same network."""
+    cmd = supervised_command(model, cfg)
+    state = ckpt_state(model["ckpt"])
+    if state is not None:
+        check_settings(model, state, cfg, check_epoch=False)
+        if state[0] == cfg["epochs"]:
+            print(f"[study] {model['name']}: complete ({plural(cfg['epochs'], 'epoch')}), skipped")
+            return False
+        print(f"[study] {model['name']}: trained for {plural(state[0], 'epoch')}, the study asks for "
+              f"{cfg['epochs']}: training it again")
+    print(f"[study] {model['name']}: {command_line(cmd)} (in this process)", flush=True)
+    if dry_run:
+        return False
+    torch.manual_seed(model["seed"])
+    backbone = vit.ARCHS[cfg["arch"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
+    mean_std, size = data.MEAN_STD["folder"], cfg["img_size"]
+    aug_set = data.build_dataset("folder", model["data_dir"], "train", data.finetune_transform(size, *mean_std))
+    test_set = data.build_dataset("folder", model["data_dir"], "test", data.eval_transform(size, *mean_std))
+    aug = data.build_loader(aug_set, cfg["batch_size"], cfg["workers"], train=True, seed=model["seed"])
+    test = data.build_loader(test_set, 256, cfg["workers"], train=False)
+    # eval_linear's --finetune-lr default (MAE's base lr), scaled by the batch as its CLI scales it
+    lr = eval_linear.get_args_parser().get_default("finetune_lr") * cfg["batch_size"] / 256
+    torch.manual_seed(model["seed"])
+    t0 = time.time()
+    result, net = eval_linear.finetune(backbone, aug, test, data.num_classes(aug_set), cfg["epochs"], lr, device)
+    seconds = time.time() - t0  # includes one pass over the test split (the fine-tune top-1)
+    net[0].cpu()
+    save_baseline(model["ckpt"], net[0], "supervised", cfg["epochs"],
+                  {"dataset": "folder", "data_dir": model["data_dir"], "arch": cfg["arch"],
+                   "patch_size": cfg["patch_size"], "img_size": size, "epochs": cfg["epochs"],
+                   "batch_size": cfg["batch_size"], "lr": lr, "seed": model["seed"]},
+                  head=net[1].state_dict(), finetune_top1=result["top1"], finetune_top5=result["top5"],
+                  seconds=seconds, img_per_s=len(aug) * cfg["batch_size"] * cfg["epochs"] / seconds)
+    return True
+
+
+# ---- evaluation ----
+
+def eval_setting(plan, model, name):
+    """(dataset, data_dir, eval_data label) of one evaluation."""
+    if name == "cifar10":
+        return "folder", plan["trees"]["eval"], f"folder:{os.path.basename(os.path.normpath(plan['trees']['eval']))}"
+    if name == "unseen":
+        return "folder", plan["trees"]["unseen"], "unseen classes: " + ", ".join(plan["unseen"])
+    t = plan["transfer"]
+    label = f"folder:{os.path.basename(os.path.normpath(t['data_dir']))}" if t["dataset"] == "folder" else t["dataset"]
+    return t["dataset"], t["data_dir"], label
+
+
+def eval_command(plan, model, name):
+    """The eval_linear command that gives the row's k-NN and full-label linear numbers."""
+    cfg = plan["cfg"]
+    dataset, data_dir, _ = eval_setting(plan, model, name)
+    if model["model"] == "random":
+        who = ["--random-init", "--arch", cfg["arch"], "--patch-size", str(cfg["patch_size"]),
+               "--img-size", str(cfg["img_size"])]
+    else:
+        who = ["--ckpt", shown(model["ckpt"])]
+    extra = ["--download"] if plan["transfer"]["download"] and dataset != "folder" else []
+    return ["python", "eval_linear.py", *who, "--dataset", dataset, "--data-dir", shown(data_dir), *extra,
+            "--seed", str(model["seed"])]
+
+
+def subset_indices(dataset, tree):
+    """Indices into `dataset` (an ImageFolder) of the images of `tree`'s train split (same class and file name):
+    the pretraining subset inside the full train features."""
+    keep = {(c, f) for c, fs in class_files(tree, "train").items() for f in fs}
+    return torch.tensor([i for i, (path, _) in enumerate(dataset.samples)
+                         if (os.path.basename(os.path.dirname(path)), os.path.basename(path)) in keep])
+
+
+def evaluate(plan, model, name, device):
+    """One evaluation row: eval_linear's k-NN and linear probe on frozen features extracted once, with the
+    probes on the labelled subsets for CIFAR-10. The same calls, defaults and seeds as eval_linear's main()."""
+    cfg = plan["cfg"]
+    dataset, data_dir, label = eval_setting(plan, model, name)
+    backbone, meta = eval_linear.load_backbone(model["ckpt"])
+    img_size = meta["vit_kwargs"]["img_size"]                   # the pretraining resolution (eval_linear's default)
+    mean_std = tuple(map(tuple, meta["mean_std"] or data.MEAN_STD[dataset]))  # the pretraining normalization
+    tf = data.eval_transform(img_size, *mean_std)
+    download = plan["transfer"]["download"]
+    train_set = data.build_dataset(dataset, data_dir, "train", tf, download=download)
+    test_set = data.build_dataset(dataset, data_dir, "test", tf, download=download)
+    num_classes = data.num_classes(train_set)
+    t0 = time.time()
+    backbone.to(device)
+    feats = {}
+    for split, ds in (("train", train_set), ("test", test_set)):
+        loader = data.build_loader(ds, 256, cfg["workers"], train=False)   # eval_linear's default --batch-size
+        feats[split] = eval_linear.extract_features(backbone, loader, device)
+    (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
+    seed = model["seed"]
+    knn1, knn5 = eval_linear.knn_accuracy(xtr, ytr, xte, yte, num_classes)          # k=20, T=0.07
+    probe = eval_linear.linear_probe(xtr, ytr, xte, yte, num_classes, seed=seed)     # 100 epochs, SGD 0.1
+    row = dict(kind="eval", run=model["name"], model=model["model"], seed=seed, part=model["part"], eval=name,
+               eval_data=label, dataset=dataset, data_dir=data_dir, num_classes=num_classes, num_train=len(ytr),
+               num_test=len(yte), img_size=img_size, knn_top1=knn1, knn_top5=knn5, linear_top1=probe["top1"],
+               linear_top5=probe["top5"], command=shlex.join(eval_command(plan, model, name)))
+    if name == "cifar10":
+        for frac in LABEL_FRACTIONS:
+            _, idx = eval_linear.stratified_split(ytr.cpu(), frac, seed=LABEL_SUBSET_SEED)
+            idx = idx.to(xtr.device)
+            sub = eval_linear.linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes, seed=seed)
+            row[f"linear_{frac:g}_top1"], row[f"num_{frac:g}"] = sub["top1"], len(idx)
+        row["command_label_subsets"] = (f"eval_linear.linear_probe(seed={seed}) on the train features at "
+                                        f"eval_linear.stratified_split(train labels, F, seed={LABEL_SUBSET_SEED})[1], "
+                                        f"F in {LABEL_FRACTIONS}")
+        if model["model"] == "random":  # the k-NN every run's log starts from: its memory bank is the pretraining set
+            idx = subset_indices(train_set, plan["trees"]["pretrain"]).to(xtr.device)
+            row["knn_top1_pretrain_bank"] = eval_linear.knn_accuracy(xtr[idx], ytr[idx], xte, yte, num_classes)[0]
+        if model["model"] == "supervised":
+            ck = torch.load(model["ckpt"], map_location="cpu", weights_only=True)
+            row["finetune_top1"], row["finetune_top5"] = ck["finetune_top1"], ck["finetune_top5"]
+            row["command_finetune"] = shlex.join(supervised_command(model, cfg))
+    backbone.cpu()
+    row.update(seconds=round(time.time() - t0, 1), device=str(device), ckpt=model["ckpt"],
+               ckpt_epoch=meta["epoch"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
+               time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    print(f"[study] {model['name']} on {label}: k-NN {knn1:.2f}, linear {probe['top1']:.2f}"
+          + "".join(f", {f:g} labels {row[f'linear_{f:g}_top1']:.2f}" for f in LABEL_FRACTIONS if name == "cifar10")
+          + f" [{row['seconds']:.0f} s]", flush=True)
+    return row
+
+
+def pretrain_row(plan, model):
+    """The cost of one network's training (a results row)."""
+    cfg = plan["cfg"]
+    if model["model"] == "supervised":
+        ck = torch.load(model["ckpt"], map_location="cpu", weights_only=True)
+        seconds, img_per_s, command = ck["seconds"], ck["img_per_s"], shlex.join(supervised_command(model, cfg))
+    else:
+        seconds, img_per_s = log_cost(model["run_dir"])
+        command = command_line(model["cmd"])
+    return dict(kind="pretrain", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
+                data_dir=model["data_dir"], num_images=model["num_images"], epochs=cfg["epochs"],
+                batch_size=cfg["batch_size"], seconds=seconds, img_per_s=img_per_s,
+                wall_seconds=model.get("wall_seconds"), command=command, hardware=hardware(plan["device"]),
+                # the machines are shared: the 5-minute load average as the run ended says how much
+                load_avg=round(os.getloadavg()[1], 2) if hasattr(os, "getloadavg") else None,
+                ckpt=model["ckpt"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
+                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+# ---- the table ----
+
+def hardware(device=None):
+    """One line: GPU, CPU model, cores this process may use, torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    line = f"{cpu}, {cores} cores"
+    dev = eval_linear.resolve_device(device or "auto")
+    if dev.type == "cuda":
+        line = f"{torch.cuda.get_device_name(dev)}; {line}"
+    return line + f"; torch {torch.__version__}"
+
+
+def mean_std(values):
+    """'44.4' for one value, '44.4 ± 0.3' (sample std) for several, '-' for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def duration(seconds):
+    return "-" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+COLUMNS = ["", "CIFAR-10 k-NN", "linear", "linear, 1% labels", "linear, 10% labels", "unseen classes k-NN",
+           "linear", "transfer k-NN", "linear", "pretraining time", "img/s"]
+
+
+def table_rows(plan, rows):
+    """{model: [cells]} in the table's order, from results rows that belong to the study's current networks."""
+    current = {m["name"]: m for m in plan["models"]}
+    latest = {}
+    for r in rows:  # the last row per (kind, run, eval) whose checkpoint is the one on disk now
+        m = current.get(r["run"])
+        if m and os.path.exists(m["ckpt"]) and r["ckpt_mtime"] == os.stat(m["ckpt"]).st_mtime_ns:
+            latest[r["kind"], r["run"], r.get("eval")] = r
+    out = {}
+    for model in ["random", "supervised", *plan["methods"]]:
+        def get(kind, part, ev, key):
+            return [r.get(key) for (k, run, e), r in latest.items()
+                    if k == kind and e == ev and current[run]["model"] == model and current[run]["part"] == part]
+        unseen_part = "main" if model == "random" else "unseen"
+        cells = [get("eval", "main", "cifar10", k) for k in
+                 ("knn_top1", "linear_top1", *(f"linear_{f:g}_top1" for f in LABEL_FRACTIONS))]
+        cells += [get("eval", unseen_part, "unseen", k) for k in ("knn_top1", "linear_top1")]
+        cells += [get("eval", "main", "transfer", k) for k in ("knn_top1", "linear_top1")]
+        cells = [mean_std(c) for c in cells]
+        if plan["no_unseen"]:
+            cells[4] = cells[5] = "not run"
+        if model == "random":
+            cells += ["none", "none"]
+        else:
+            secs, ips = get("pretrain", "main", None, "seconds"), get("pretrain", "main", None, "img_per_s")
+            cells += [duration(sum(secs) / len(secs)) if secs else "-", f"{sum(ips) / len(ips):.0f}" if ips else "-"]
+        out[model] = cells
+    return out, latest
+
+
+def write_table(plan, rows, argv):
+    """table.md: the table, then each protocol once (sizes read off the results), the command and the hardware."""
+    cfg, n, t = plan["cfg"], plan["cfg"]["subset_per_class"], plan["transfer"]
+    cells, latest = table_rows(plan, rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join([LABELS[m], *c]) + " |" for m, c in cells.items()]
+
+    def size(ev, key):  # an evaluation's size, from the untrained network's row (every network has the same)
+        r = latest.get(("eval", "random_s0", ev))
+        return f"{r[key]:,}" if r else "?"
+
+    loads = [r["load_avg"] for (k, _, _), r in latest.items() if k == "pretrain" and r.get("load_avg") is not None]
+    own = [r.get("finetune_top1") for (k, _, e), r in latest.items()
+           if k == "eval" and e == "cifar10" and r["model"] == "supervised"]
+    images = plan["num_images"]["pretrain"]
+    pre = f"{n:,} per class, a fixed stratified subset ({images:,} images)" if n else f"all {images:,} train images"
+    seen, unseen, k = ", ".join(plan["seen"]), ", ".join(plan["unseen"]), len(plan["unseen"])
+    target = os.path.basename(os.path.normpath(t["data_dir"])) if t["dataset"] == "folder" else t["dataset"]
+    lines += [
+        "",
+        f"- **Pretraining** (every row): {cfg['arch']}/{cfg['patch_size']} at {cfg['img_size']} px on CIFAR-10 "
+        f"train, {pre}, {plural(cfg['epochs'], 'epoch')}, batch {cfg['batch_size']}, "
+        f"{plural(cfg['warmup_epochs'], 'warmup epoch')}; each method through its own script, with its paper "
+        f"defaults otherwise (commands in results.jsonl). "
+        + (f"Mean ± sample std over {cfg['seeds']} seeds." if cfg["seeds"] > 1 else "One seed."),
+        f"- **CIFAR-10 k-NN / linear** (pretraining effect): frozen CLS features of all {size('cifar10', 'num_train')} "
+        f"train images and their labels, top-1 on the {size('cifar10', 'num_test')} test images; weighted k-NN k=20, "
+        f"T=0.07; linear: eval_linear's probe (100 epochs, SGD lr 0.1, cosine, standardized features).",
+        f"- **1% / 10% labels** (label efficiency): the same probe trained on a fixed stratified 1% / 10% of the "
+        f"train labels ({size('cifar10', 'num_0.01')} / {size('cifar10', 'num_0.1')} images, "
+        f"eval_linear.stratified_split seed {LABEL_SUBSET_SEED}), the same test images.",
+    ]
+    if not plan["no_unseen"]:
+        lines.append(
+            f"- **Unseen classes**: every network trained again on {seen} only (same images per class, epochs, "
+            f"batch); k-NN / linear on the other {k} ({unseen}): {size('unseen', 'num_train')} of their train "
+            f"images ({f'the same {n:,} per class' if n else 'all'}) with labels, top-1 ({k}-way) on all "
+            f"{size('unseen', 'num_test')} of their test images.")
+    lines += [
+        f"- **Transfer**: the CIFAR-10 networks, frozen, on {target} ({size('transfer', 'num_train')} train / "
+        f"{size('transfer', 'num_test')} test images, {size('transfer', 'num_classes')} classes) resized to "
+        f"{cfg['img_size']} px, with the pretraining normalization; k-NN / linear as above.",
+        "- **Cost**: pretraining wall-clock (the training epochs, without start-up and the k-NN monitor; supervised: "
+        "with its one pass over the test images) and images/s (each image with all its views), on the hardware "
+        "below; the machine may be shared: compare within the column.",
+        "- **Baselines**: *random init* is the same ViT untrained (`eval_linear.py --random-init`, same seed). "
+        "*supervised* is the same ViT trained from random init with the labels of the same images for the same "
+        "epochs and batch (`eval_linear.py --random-init --finetune`: AdamW, random-resized-crop + flip, "
+        f"cross-entropy); its own classifier reaches {mean_std(own)}% top-1 on CIFAR-10 test; its columns are the "
+        "same probes on its frozen features. It was trained with every label of its training images, so its 1% / 10% "
+        "columns are not few-label numbers; its unseen-classes network was trained on the labels of the seen classes.",
+        "",
+        f"Command: `{study_command(argv)}`",
+        f"Hardware: {hardware(plan['device'])}"
+        + (f"; 5-minute load average as each pretraining ended: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
+        + ".",
+    ]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(plan["out"], "table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def study_command(argv):
+    """The command that reproduces the study (without the flags that only change what else gets written)."""
+    keep = [a for a in argv if a not in ("--no-figures", "--docs", "--dry-run")]
+    return "python benchmarks/study.py " + shlex.join(keep) if keep else "python benchmarks/study.py"
+
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(s) for s in f if s.strip()]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    plan = make_plan(args)
+    cfg, out = plan["cfg"], plan["out"]
+    device = eval_linear.resolve_device(args.device or "auto")
+    print(f"[study] protocol {args.protocol}: {json.dumps(cfg)}; {len(plan['models'])} networks -> {shown(out)}")
+    results = os.path.join(out, "results.jsonl")
+    if not args.dry_run:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "study.json"), "w") as f:
+            json.dump({**plan, "argv": argv, "command": study_command(argv)}, f, indent=1)
+    rows = read_rows(results)
+    failed = []
+    # runs on all classes first (the main columns), the five-class runs last: a study stopped early has those
+    for model in sorted(plan["models"], key=lambda m: m["part"] == "unseen"):
+        try:
+            if model["model"] == "random":
+                random_init(model, cfg, args.dry_run)
+            elif model["model"] == "supervised":
+                supervised(model, cfg, device, args.dry_run)
+            else:
+                pretrain(model, cfg, args.dry_run)
+        except RuntimeError as e:  # one method's failure should not cost the others' hour
+            print(f"[study] error: {e}", flush=True)
+            failed.append(model["name"])
+            continue
+        mtime = None if args.dry_run else os.stat(model["ckpt"]).st_mtime_ns
+        have = {(r["kind"], r.get("eval")) for r in rows if r["run"] == model["name"] and r["ckpt_mtime"] == mtime}
+        new = []
+        if model["model"] != "random" and ("pretrain", None) not in have and not args.dry_run:
+            new.append(pretrain_row(plan, model))
+        for name in model["evals"]:
+            if ("eval", name) in have:
+                print(f"[study] {model['name']} on {name}: in results.jsonl, skipped")
+            elif args.dry_run:
+                print(f"[study] {model['name']} on {name}: {shlex.join(eval_command(plan, model, name))}")
+            else:
+                new.append(evaluate(plan, model, name, device))
+        if new:
+            with open(results, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+            rows += new
+    if args.dry_run:
+        return None
+    table = write_table(plan, rows, argv)
+    print("\n" + table)
+    if not args.no_figures:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        import plots  # benchmarks/plots.py; matplotlib itself is imported only there, and only if installed
+        try:
+            plots.make_figures(out, docs=args.docs)
+        except plots.NoMatplotlib as e:
+            print(f"[study] figures skipped: {e}")
+    if failed:
+        raise SystemExit(f"[study] these runs failed (see their output above): {', '.join(failed)}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""benchmarks/study.py end to end on the shipped CIFAR-10 sample with one- and two-step runs (vit_mini/8 at
+16 px): every method and both baselines get a row with every column; the table carries its protocol lines;
+the numbers are eval_linear's (its CLI gives the same on a row's recorded command); a second invocation
+retrains and re-evaluates nothing; a stopped run is continued with --resume, not restarted; the figures exist
+and are small; the dry run writes nothing; a checkpoint of other settings is refused; the pretraining subset is
+a fixed stratified one and the five unseen classes are disjoint from the five seen. Each test names the bug it
+catches."""
+import importlib.util
+import json
+import os
+import shlex
+import sys
+
+import pytest
+import torch
+
+import eval_linear
+from common import ROOT, SAMPLE, small_folder
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import study  # noqa: E402
+
+# One step of batch 64 on the 5 x 13 seen-class images, two on the 10 x 13 of all classes; k-NN monitor every epoch.
+TINY = ["--data-dir", SAMPLE, "--arch", "vit_mini", "--patch-size", "8", "--img-size", "16", "--epochs", "1",
+        "--batch-size", "64", "--subset-per-class", "13", "--workers", "0", "--knn-every", "1"]
+METHODS = [m for m in study.METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(s) for s in f if s.strip()]
+
+
+def with_flag(argv, flag, value):
+    """argv with the value after `flag` replaced."""
+    i = argv.index(flag)
+    return [*argv[:i + 1], value, *argv[i + 2:]]
+
+
+def mtimes(out):
+    runs = os.path.join(out, "runs")
+    return {r: os.stat(os.path.join(runs, r, "checkpoint.pt")).st_mtime_ns for r in sorted(os.listdir(runs))}
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """One complete study: the sample, 13 images per class, one epoch, a 20/10-per-class transfer folder."""
+    tmp = tmp_path_factory.mktemp("study")
+    transfer = small_folder(tmp / "transfer", train_per_class=20, test_per_class=10)
+    out = str(tmp / "out")
+    argv = [*TINY, "--transfer-dir", transfer, "--out", out]
+    table = study.main(argv)
+    return {"out": out, "argv": argv, "table": table, "transfer": transfer}
+
+
+def table_cells(table):
+    """{row label: [cells]} of the markdown table."""
+    lines = [s for s in table.splitlines() if s.startswith("| ") and not s.startswith("|  |")]
+    return {c[0]: c[1:] for c in ([x.strip() for x in s.strip("|").split("|")] for s in lines)}
+
+
+def test_every_network_has_every_column(done):
+    """Catches a method or baseline that drops out of the table, or a column left empty (an evaluation skipped,
+    a results row the table does not find)."""
+    cells = table_cells(done["table"])
+    labels = ["random init", "supervised", *[study.LABELS[m] for m in METHODS]]
+    assert list(cells) == labels, cells
+    for label, row in cells.items():
+        assert len(row) == len(study.COLUMNS) - 1 and "-" not in row, (label, row)
+        for acc in row[:8]:
+            assert 0 <= float(acc) <= 100, (label, acc)
+        if label != "random init":
+            assert float(row[9]) > 0, (label, row)  # images/s of its training
+    rows = read_jsonl(os.path.join(done["out"], "results.jsonl"))
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert all(r["command"].startswith("python eval_linear.py ") for r in evals)
+    # 1% of the sample's 100 train images per class: one per class; 10%: ten
+    main = [r for r in evals if r["eval"] == "cifar10"]
+    assert {(r["num_0.01"], r["num_0.1"], r["num_train"], r["num_test"]) for r in main} == {(10, 100, 1000, 500)}
+    unseen = [r for r in evals if r["eval"] == "unseen"]
+    assert {(r["num_classes"], r["num_test"]) for r in unseen} == {(5, 250)} and len(unseen) == 2 + len(METHODS)
+    pre = {r["run"]: r for r in rows if r["kind"] == "pretrain"}
+    for m in METHODS:
+        assert f"python {m}.py --dataset folder" in pre[f"{m}_s0"]["command"] and pre[f"{m}_s0"]["seconds"] > 0
+        assert pre[f"{m}5_s0"]["num_images"] == 65 and pre[f"{m}_s0"]["num_images"] == 130
+
+
+def test_table_states_each_protocol_once(done):
+    """Catches a table whose numbers lose the protocol that produced them (data, epochs, probe, subsets)."""
+    text = open(os.path.join(done["out"], "table.md")).read()
+    assert text == done["table"]
+    for line in ("- **Pretraining** (every row): vit_mini/8 at 16 px",
+                 "13 per class, a fixed stratified subset (130 images), 1 epoch,",
+                 "- **CIFAR-10 k-NN / linear** (pretraining effect): frozen CLS features of all 1,000 train images",
+                 "k-NN k=20, T=0.07", "- **1% / 10% labels** (label efficiency)", "(10 / 100 images",
+                 "- **Unseen classes**: every network trained again on airplane, automobile, bird, cat, deer only",
+                 "(dog, frog, horse, ship, truck)", "65 of their train images (the same 13 per class)",
+                 "- **Transfer**: the CIFAR-10 networks, frozen, on transfer (200 train / 100 test",
+                 "- **Cost**: pretraining wall-clock", "- **Baselines**: *random init*",
+                 "Command: `python benchmarks/study.py", "Hardware: "):
+        assert text.count(line) == 1, line
+
+
+def test_numbers_are_eval_linears(done):
+    """Catches a study whose in-process evaluation drifts from eval_linear's CLI (another normalization, image
+    size, k-NN setting or probe seed): the row's recorded command must print the same k-NN and linear top-1.
+    On the transfer rows (small, and where the pretraining normalization matters), a method's and random init's."""
+    rows = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl"))
+            if r["kind"] == "eval" and r["eval"] == "transfer" and r["run"] in ("byol_s0", "random_s0")]
+    assert len(rows) == 2
+    for r in rows:
+        argv = shlex.split(r["command"])[2:]
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # the commands are written to run from the repository root
+        try:
+            (cli,) = eval_linear.main(argv + ["--workers", "0"])
+        finally:
+            os.chdir(cwd)
+        assert (cli["knn_top1"], cli["linear_top1"]) == pytest.approx((r["knn_top1"], r["linear_top1"]), abs=1e-6)
+
+
+def test_figures_exist_and_are_small(done):
+    """Catches a figure that is not drawn (a plot crashing on one-epoch logs) or grows past a README-sized PNG."""
+    if not HAVE_MATPLOTLIB:
+        pytest.skip("matplotlib is not installed (requirements-dev.txt has it)")
+    names = ["curves", "attention", "pca"] + [f"views_{m}" for m in METHODS]
+    for name in names:
+        path = os.path.join(done["out"], "figures", f"{name}.png")
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        assert os.path.getsize(path) < 200_000, name
+
+
+def test_second_invocation_redoes_nothing(done, capsys):
+    """Catches a study that retrains or re-evaluates finished runs (a killed hour-long study must not start over)."""
+    before, rows = mtimes(done["out"]), read_jsonl(os.path.join(done["out"], "results.jsonl"))
+    table = study.main([*done["argv"], "--no-figures"])
+    out = capsys.readouterr().out
+    assert mtimes(done["out"]) == before
+    assert read_jsonl(os.path.join(done["out"], "results.jsonl")) == rows
+    assert table.split("Hardware:")[0] == done["table"].split("Hardware:")[0]  # the load average may differ
+    for m in METHODS:
+        assert f"[study] {m}_s0: complete (1/1 epochs), skipped" in out
+    assert "[study] supervised_s0: complete (1 epoch), skipped" in out
+    # random init: 3 evaluations; supervised: 2 + 1 (its five-class network); every method: 2 + 1
+    assert out.count("in results.jsonl, skipped") == 6 + 3 * len(METHODS)
+
+
+def test_checkpoint_of_other_settings_is_refused(done):
+    """Catches a study that skips (or resumes) a run trained with another batch size: a wrong number in the table."""
+    with pytest.raises(SystemExit, match="is of another study: batch_size 64 \\(study: 32\\)"):
+        study.main([*with_flag(done["argv"], "--batch-size", "32"), "--dry-run"])
+
+
+def test_a_stopped_run_is_resumed(done, capsys):
+    """Catches a partial checkpoint that is retrained from scratch (or skipped as if complete) instead of continued
+    with the method's --resume, and a table that keeps showing the numbers of the old checkpoint. (The last test to
+    use the study folder: its simclr run is then at epoch 2.)"""
+    out = done["out"]
+    simclr = os.path.join(out, "runs", "simclr_s0")
+    first = read_jsonl(os.path.join(simclr, "log.jsonl"))
+    before = mtimes(out)
+    # epoch 1 of now 2 epochs: what a study stopped after its first epoch leaves
+    plan = study.make_plan(study.get_args_parser().parse_args(with_flag(done["argv"], "--epochs", "2")))
+    model = next(m for m in plan["models"] if m["name"] == "simclr_s0")
+    assert study.pretrain(model, plan["cfg"], dry_run=False)
+    printed = capsys.readouterr().out
+    assert "[study] simclr_s0: resuming after epoch 1 of 2" in printed and printed.rstrip().endswith("--resume")
+    log = read_jsonl(os.path.join(simclr, "log.jsonl"))
+    assert [r["epoch"] for r in log] == [1, 2] and log[0] == first[0]  # continued, not restarted
+    assert torch.load(os.path.join(simclr, "checkpoint.pt"), weights_only=True, mmap=True)["epoch"] == 2
+    assert {r: t for r, t in mtimes(out).items() if r != "simclr_s0"} == {r: t for r, t in before.items()
+                                                                          if r != "simclr_s0"}
+    # the results of the epoch-1 checkpoint no longer count: the study evaluates the new one, the table waits for it
+    cells, _ = study.table_rows(plan, read_jsonl(os.path.join(out, "results.jsonl")))
+    assert cells["simclr"][:4] == ["-"] * 4 and "-" not in cells["moco"][:4]
+
+
+def test_dry_run_prints_the_protocol_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Catches a protocol dict that does not reach the commands, a dry run with side effects, or a study that
+    stops on a method file that does not exist yet (it should run without it, with a note)."""
+    out = tmp_path / "dry"
+    dry = ["--protocol", "cpu", "--data-dir", SAMPLE, "--transfer-dir", SAMPLE, "--out", str(out), "--dry-run"]
+    study.main(dry)
+    printed = capsys.readouterr().out
+    cpu = study.PROTOCOLS["cpu"]
+    assert not out.exists()
+    for m in METHODS:
+        for flags in (f"python {m}.py --dataset folder", f"--arch {cpu['arch']} --patch-size {cpu['patch_size']}",
+                      f"--epochs {cpu['epochs']} --batch-size {cpu['batch_size']}", f"{m}_s0"):
+            assert flags in printed, (m, flags)
+        assert f"[study] {m}5_s0: python {m}.py" in printed
+    assert "eval_linear.py --random-init --arch vit_mini --patch-size 8 --img-size 32" in printed
+    assert "--finetune --finetune-epochs" in printed
+    # a repository without swav.py (yet): the other methods run, swav is named in a note
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for m in ("simclr", "moco", "byol"):
+        (repo / f"{m}.py").write_text("")
+    monkeypatch.setattr(study, "ROOT", str(repo))
+    study.main(dry)
+    printed = capsys.readouterr().out
+    assert "note: swav.py does not exist (yet)" in printed and "swav_s0" not in printed and "byol_s0" in printed
+
+
+def test_subsets_are_fixed_stratified_and_the_class_split_disjoint(tmp_path):
+    """Catches a pretraining subset that changes between invocations (a resumed run would see other images) or
+    is not stratified, and seen / unseen class trees that share a class."""
+    classes = sorted(os.listdir(os.path.join(SAMPLE, "train")))
+    a = study.build_tree(str(tmp_path / "a"), SAMPLE, classes, 7)
+    b = study.build_tree(str(tmp_path / "b"), SAMPLE, classes, 7)
+    files_a, files_b = study.class_files(a, "train"), study.class_files(b, "train")
+    assert files_a == files_b and {len(f) for f in files_a.values()} == {7} and list(files_a) == classes
+    assert study.class_files(a, "test") == study.class_files(SAMPLE, "test")  # all test images
+    for c, fs in files_a.items():  # symlinks to the sample's own files
+        for f in fs:
+            target = os.path.realpath(os.path.join(SAMPLE, "train", c, f))
+            assert os.path.realpath(os.path.join(a, "train", c, f)) == target
+    seen = study.build_tree(str(tmp_path / "seen"), SAMPLE, classes[:5], 7)
+    unseen = study.build_tree(str(tmp_path / "unseen"), SAMPLE, classes[5:], 0)
+    assert set(study.class_files(seen, "train")).isdisjoint(study.class_files(unseen, "train"))
+    assert study.class_files(unseen, "train") == {c: study.class_files(SAMPLE, "train")[c] for c in classes[5:]}
+    with pytest.raises(SystemExit, match="built from other data"):
+        study.build_tree(str(tmp_path / "a"), SAMPLE, classes, 8)
+
+
+def test_mean_and_sample_std_over_seeds():
+    """Catches the population std (n) instead of the sample std (n - 1), or a mean over missing values."""
+    assert study.mean_std([70.0, 72.0, 74.0]) == "72.0 ± 2.0"
+    assert study.mean_std([44.41]) == "44.4" and study.mean_std([]) == "-" and study.mean_std([None, 3.0]) == "3.0"
