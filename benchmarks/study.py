@@ -1,7 +1,7 @@
 """The study: which self-supervised pretraining gives a ViT the best features, how well they generalize and
 transfer, against which baselines, at what cost (issue 10). One command runs it:
 
-    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10 copy, about an hour on 2 CPU cores;
+    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10 copy, 1-1.5 hours on 2 CPU cores;
                                                        # --docs: the figures also go to docs/ for the README
     python benchmarks/study.py --protocol gpu          # ViT-Tiny/4, all of CIFAR-10, 100 epochs, one GPU
     python benchmarks/study.py --protocol gpu-quick    # the gpu protocol cut down to minutes (a first look)
@@ -82,9 +82,10 @@ PROTOCOLS = {
     # 0.22x. From SimCLR's 190 img/s on the unshared machine: 110 / 148 / 96 / 365 img/s, 860 img/s to extract.
     # The study then takes about 59 minutes: 43 pretraining (all classes, the five-class runs and supervised),
     # 5 in the k-NN monitor, 10 evaluating (70 s per network for the 60,000 CIFAR-10 images), 1 for the rest.
+    # Measured: 90 minutes from an empty folder, with other jobs on the two cores (load average 2.2-4.2).
     # 1,000 images per class for 5 epochs cost what one pass over all 50,000 costs, and give a checkpoint and a
     # curve point every epoch instead of one at the end (a stopped study loses at most an epoch). Whether they
-    # also teach as much: --subset-per-class 0 --epochs 1 measures it (see the README).
+    # also teach as much: --subset-per-class 0 --epochs 1 measures it (not measured yet).
     "cpu": dict(arch="vit_mini", patch_size=8, img_size=32, subset_per_class=1000, epochs=5, batch_size=256,
                 warmup_epochs=1, knn_every=2, workers=1, seeds=1),
     # One GPU: ViT-Tiny/4 (64 tokens at 32 px) on all 50,000 images for the method files' default 100 epochs
