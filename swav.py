@@ -204,7 +204,9 @@ def get_args_parser():
                    help="K, the number of clusters (paper: 3000 on ImageNet; on CIFAR-10 lightly's benchmark uses "
                         "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
     p.add_argument("--num-small-crops", type=int, default=6,
-                   help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop")
+                   help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop. With 8 px "
+                        "patches a 16 px crop is 2x2 patches: there, 0 learned more in the README's study protocol "
+                        "(k-NN 36.6 vs 33.9) at half the cost")
     p.add_argument("--small-crop-size", type=int, default=16,
                    help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
                         "grid); a multiple of --patch-size")
