@@ -585,7 +585,7 @@ def method_specs(method, img_size):
     if method in ("byol", "moco"):
         return list(byol_specs(img_size))
     if method == "swav":
-        return multicrop_specs(img_size)
+        return multicrop_specs(img_size, strength=0.5)  # swav.py's default --color-strength
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -410,3 +410,16 @@ def test_device_path_draws_what_the_pil_path_draws(name):
     for a, b in ((flips, flips_d), ((factors - 1).abs() < 0.004, (factors_d - 1).abs() < 0.004), (gray, gray_d),
                  (sol, sol_d)):
         assert abs(a.float().mean() - b.float().mean()) < 0.06, (a.float().mean(), b.float().mean())
+
+
+def test_show_draws_each_scripts_default_recipe():
+    """Catches `data.py --show` (and the study's views figures) drawing another recipe than a training script
+    trains on by default: another colour strength, number or size of small crops, or pair."""
+    import simclr
+    import swav
+    default = lambda module, flag: module.get_args_parser().get_default(flag)  # noqa: E731
+    assert data.method_specs("simclr", 32) == [data.simclr_spec(32, default(simclr, "color_strength"))] * 2
+    assert data.method_specs("moco", 32) == data.method_specs("byol", 32) == list(data.byol_specs(32))
+    assert data.method_specs("swav", 32) == data.multicrop_specs(
+        32, n_global=2, n_local=default(swav, "num_small_crops"), local_size=default(swav, "small_crop_size"),
+        strength=default(swav, "color_strength"))
