@@ -212,6 +212,11 @@ def pil_transform(spec, mean, std):
     return v2.Compose([*ops, *_to_normalized(mean, std)])
 
 
+def pil_views(specs, mean, std):
+    """One view per spec, as PIL transforms: img -> [view_1, view_2, ...] (a training script's PIL path)."""
+    return MultiView([pil_transform(spec, mean, std) for spec in specs])
+
+
 def simclr_transform(img_size, mean, std, strength=0.5):
     """SimCLR's view (simclr_spec) as a PIL transform."""
     return pil_transform(simclr_spec(img_size, strength), mean, std)
@@ -225,8 +230,8 @@ def byol_transforms(img_size, mean, std):
 def multicrop_transform(img_size, mean, std, n_global=2, n_local=6, local_size=None,
                         global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), strength=1.0):
     """SwAV's multi-crop (multicrop_specs) as a MultiView of PIL transforms: 2 x 32 px + 6 x 16 px by default."""
-    specs = multicrop_specs(img_size, n_global, n_local, local_size, global_scale, local_scale, strength)
-    return MultiView([pil_transform(spec, mean, std) for spec in specs])
+    return pil_views(multicrop_specs(img_size, n_global, n_local, local_size, global_scale, local_scale, strength),
+                     mean, std)
 
 
 def finetune_transform(img_size, mean, std):
@@ -591,7 +596,7 @@ def method_specs(method, img_size):
 
 def method_views(method, img_size, mean, std):
     """The MultiView each training script uses, by method name."""
-    return MultiView([pil_transform(spec, mean, std) for spec in method_specs(method, img_size)])
+    return pil_views(method_specs(method, img_size), mean, std)
 
 
 def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6, seed=0, gpu_aug=False):

@@ -28,7 +28,7 @@ Differences from the paper:
     the MLPs see each view's batch separately, as in the reference code (their BN statistics are per view).
   - The momentum update follows the optimizer step (the reference runs it before the keys of the next
     step: the same weights). Global BN (SyncBatchNorm) only on CUDA.
-  - No blur on 32 px images (BYOL's pair as CIFAR recipes use it, see data.byol_transforms).
+  - No blur on 32 px images (BYOL's pair as CIFAR recipes use it, see data.byol_specs).
 """
 import argparse
 import copy
@@ -304,10 +304,10 @@ def main(argv=None):
     # ---- data ----
     mean, std = data.MEAN_STD[args.dataset]
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
-    train_tf = data.MultiView(data.byol_transforms(args.img_size, mean, std))  # the asymmetric pair (§4)
+    specs = data.byol_specs(args.img_size)  # BYOL's asymmetric pair (§4)
+    train_tf = None if args.gpu_aug else data.pil_views(specs, mean, std)  # the PIL path, in loader workers
     train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    if args.gpu_aug:  # the same recipe, made on the device a batch at a time (the PIL transform goes unused)
-        specs = list(data.byol_specs(args.img_size))
+    if args.gpu_aug:  # the same recipe, made on the device a batch at a time
         loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
                                           seed=args.seed)
     else:

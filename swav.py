@@ -353,12 +353,11 @@ def main(argv=None):
     # ---- data ----
     mean, std = data.MEAN_STD[args.dataset]
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
-    train_tf = data.multicrop_transform(args.img_size, mean, std, n_global=2, n_local=args.num_small_crops,
-                                        local_size=args.small_crop_size, strength=args.color_strength)
+    specs = data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
+                                 local_size=args.small_crop_size, strength=args.color_strength)  # §3.2
+    train_tf = None if args.gpu_aug else data.pil_views(specs, mean, std)  # the PIL path, in loader workers
     train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    if args.gpu_aug:  # the same recipe, made on the device a batch at a time (the PIL transform goes unused)
-        specs = data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
-                                       local_size=args.small_crop_size, strength=args.color_strength)
+    if args.gpu_aug:  # the same recipe, made on the device a batch at a time
         loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
                                           seed=args.seed)
     else:

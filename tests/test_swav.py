@@ -194,7 +194,7 @@ def test_multicrop_batch_reaches_the_loss(tmp_path, monkeypatch, tiny_data):
         backbone_inputs = []
         monkeypatch.setattr(vit.VisionTransformer, "forward", lambda self, x, real=vit.VisionTransformer.forward:
                             backbone_inputs.append(tuple(x.shape)) or real(self, x))
-        loss, crops = Spy(monkeypatch, swav, "swav_loss"), Spy(monkeypatch, data, "multicrop_transform")
+        loss, crops = Spy(monkeypatch, swav, "swav_loss"), Spy(monkeypatch, data, "multicrop_specs")
         swav.main(run_args(tmp_path / str(n_small), 1, "--knn-every", "0", "--batch-size", "100",
                            "--num-small-crops", str(n_small), "--queue", "0", "--color-strength", "0.3",
                            data_dir=tiny_data))
