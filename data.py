@@ -2,7 +2,9 @@
 
 - `build_dataset(name, data_dir, split, transform)`: cifar10, cifar100, stl10 (torchvision) or `folder`
   (an ImageFolder tree `<dir>/train/<class>/*.jpg` + `<dir>/test/` or `val/`), yielding (transform(img), label).
-  Every dataset has `.classes` (names in label order); `num_classes(ds)` is `len(ds.classes)`.
+  Every dataset has `.classes` (names in label order); `num_classes(ds)` is `len(ds.classes)`. torchvision's
+  are fetched when missing (download=True; under torchrun by one process per machine); a folder's file that
+  PIL cannot decode stops the loaders with one line naming it (`read_image`, `UnreadableImage`).
 - One recipe per paper, written once as data (`ViewSpec`s: `simclr_spec`, `byol_specs`, `multicrop_specs`),
   literal values in the paper's order, each naming its table or section. Each recipe is built into two paths:
   * PIL (`pil_transform`; `simclr_transform`, `byol_transforms`, `multicrop_transform`): a transform maps a
@@ -36,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
@@ -76,10 +79,17 @@ def build_dataset(name, data_dir, split, transform=None, download=False):
         return _image_folder(data_dir, split, transform)
     where = {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
+        if download and dist.is_available() and dist.is_initialized():
+            # under torchrun one process per machine downloads (the archive is one file) while the others wait
+            first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+            if first:
+                tv[name](data_dir, **where, download=True)
+            dist.barrier()
+            download = False
         return tv[name](data_dir, **where, transform=transform, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise DataError(f"{name} not found in {data_dir}: pass --download to fetch it there (needs internet), "
-                        f"or use --dataset folder --data-dir <ImageFolder tree>") from None
+        raise DataError(f"{name} not found in {data_dir} and --no-download given: drop it to fetch {name} there "
+                        f"(needs internet), or use --dataset folder --data-dir <ImageFolder tree>") from None
     except OSError as e:  # no network, refused connection, full disk, ...
         raise DataError(f"downloading {name} to {data_dir} failed ({e}); without internet use "
                         f"--dataset folder --data-dir <ImageFolder tree>") from None
@@ -93,8 +103,8 @@ def _image_folder(data_dir, split, transform):
     sub = [s for s in sub if os.path.isdir(s)]
     if not sub:
         raise DataError(f"no {split} folder in {data_dir}: {expected}")
-    try:  # the default loader opens with PIL and converts to RGB (grayscale and RGBA files included)
-        ds = torchvision.datasets.ImageFolder(sub[0], transform=transform)
+    try:
+        ds = torchvision.datasets.ImageFolder(sub[0], transform=transform, loader=read_image)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise DataError(f"{e} ({expected})") from None
     if split != "train" and os.path.isdir(os.path.join(data_dir, "train")):
@@ -104,6 +114,29 @@ def _image_folder(data_dir, split, transform):
             raise DataError(f"{sub[0]} has classes {ds.classes}, but {data_dir}/train has {train_classes}: "
                             f"both need the same class folders")
     return ds
+
+
+class UnreadableImage(OSError):
+    """An image file that PIL cannot decode. Raised in a loader worker, it reaches the main process re-wrapped
+    around the worker's traceback; the loaders of this module turn it back into a one-line DataError."""
+
+
+def read_image(path):
+    """An ImageFolder's loader: the file as an RGB PIL image (grayscale and RGBA files converted, as
+    torchvision's default loader does), or UnreadableImage naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")  # convert() decodes the whole file: truncation shows here
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError, truncated data, bad headers
+        why = "not an image format PIL knows" if isinstance(e, UnidentifiedImageError) else e
+        raise UnreadableImage(f"cannot read image {path} ({why}): delete or replace the file") from None
+
+
+def _unreadable(e):
+    """The one-line DataError of an UnreadableImage, from a worker (the message ends with the original
+    exception's line) or from this process."""
+    line = str(e).strip().splitlines()[-1]
+    return DataError(line[line.find("cannot read image"):])
 
 
 def num_classes(dataset):
@@ -314,8 +347,18 @@ def build_loader(dataset, batch_size, workers, train, seed=0):
                                      drop_last=True)
     else:
         sampler = Shard(len(dataset), rank, world) if distributed else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=train)
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                   pin_memory=torch.cuda.is_available(), drop_last=train)
+
+
+class _Loader(DataLoader):
+    """A DataLoader that stops on an unreadable image with one line naming the file, not a worker's traceback."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except UnreadableImage as e:
+            raise _unreadable(e) from None
 
 
 def set_epoch(loader, epoch):
@@ -551,7 +594,10 @@ def _decode_all(dataset):
     # an ImageFolder: every file through its loader (PIL, converted to RGB), as the PIL path reads it
     images = []
     for path, _ in dataset.samples:
-        images.append(v2.functional.pil_to_tensor(dataset.loader(path)))                # (3, H, W) uint8
+        try:
+            images.append(v2.functional.pil_to_tensor(dataset.loader(path)))            # (3, H, W) uint8
+        except UnreadableImage as e:
+            raise _unreadable(e) from None
         if images[-1].shape != images[0].shape:
             (h, w), (h0, w0) = images[-1].shape[1:], images[0].shape[1:]
             raise DataError(f"--gpu-aug keeps the training set as one tensor of equal-sized images, but {path} is "

@@ -14,7 +14,7 @@ The untrained same-architecture network (`--random-init`) is the baseline every 
 vit_mini/8 reaches 30.5% k-NN and 37.6% linear top-1 on CIFAR-10 (the last command below, 80 s on 2 CPU cores).
 
     python eval_linear.py --ckpt runs/byol/checkpoint.pt runs/moco/checkpoint.pt --random-init
-    python eval_linear.py --ckpt runs/byol/checkpoint.pt --dataset cifar100 --data-dir data --download
+    python eval_linear.py --ckpt runs/byol/checkpoint.pt --dataset cifar100 --data-dir data
     python eval_linear.py --random-init --arch vit_mini --patch-size 8 --dataset folder --data-dir ~/cifar10
 
 `--ckpt` takes this repo's checkpoints (any method) and plain timm / DeiT ViT state dicts. Prints one markdown
@@ -371,7 +371,9 @@ def get_args_parser():
                         "measures transfer). 'folder' is an ImageFolder tree with train/ and test/")
     g.add_argument("--data-dir", default=None,
                    help="dataset root (default: the first checkpoint's pretraining --data-dir)")
-    g.add_argument("--download", action="store_true", help="download cifar10/cifar100/stl10 if missing")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
+                        "--no-download: stop with an error instead")
     g.add_argument("--batch-size", type=int, default=256,
                    help="images per batch, features and fine-tuning (default: %(default)s)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

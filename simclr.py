@@ -11,7 +11,7 @@ Collapse (all embeddings equal) sits at loss ln(2B-1); the log's embed_std, the 
 L2-normalized CLS feature over the batch, is 0 at collapse and at most 1/sqrt(D) (0.072 for D = 192).
 
 Run:
-    python simclr.py --dataset cifar10 --download --epochs 100       # one GPU, ViT-Tiny/4 on CIFAR-10
+    python simclr.py --epochs 100      # one GPU, ViT-Tiny/4 on CIFAR-10 (downloaded into ./data the first time)
     python simclr.py --dataset folder --data-dir tests/data_sample --arch vit_mini --patch-size 8 \
         --epochs 3 --warmup-epochs 1 --batch-size 128 --out runs/simclr_demo   # offline CPU demo
     torchrun --nproc_per_node=4 simclr.py --batch-size 1024 ...    # 4 GPUs; --batch-size is the total
@@ -117,7 +117,9 @@ def get_args_parser():
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"])
     p.add_argument("--data-dir", default="data", help="dataset root; for 'folder' a tree with train/ and test/")
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/stl10 if missing")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
+                        "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS))
     p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
     p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")

@@ -7,12 +7,16 @@ for SwAV, its prototypes and Sinkhorn (inside SwaVLoss), on timm's VisionTransfo
 sides get the same images (an evenly spaced subset of the train split), the same head widths, crops, batch,
 DataLoader workers, AdamW, gradient clipping and precision (fp32 on CPU; on CUDA the backbone under bf16
 autocast, heads and losses in fp32, as our scripts do). The sides alternate per method and round (who goes
-first alternates too); a side's figure is the median over rounds, the ratio ours/lightly (> 1: ours faster).
+first alternates too); a side's figure is the median over rounds, the ratio ours/lightly (> 1: ours faster);
+the ratios of the rounds (each of two runs adjacent in time) are printed too, with their median.
 A run times --steps steps after --warmup steps; a step's time runs from the arrival of its batch to the
-arrival of the next, so it holds the wait for data as well as the compute.
+arrival of the next, so it holds the wait for data as well as the compute. With --cached each run's batches
+are made before its clock starts: the ratio is then of the training steps alone, with no loader worker taking
+CPU time from them (on a CPU with few cores the workers' share is what a --cached ratio leaves out).
 
     python -m venv --system-site-packages /tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py                      # CPU, vit_mini/8, batch 128
+    /tmp/lightly-venv/bin/python benchmarks/method_speed.py --cached --rounds 5        # the steps alone
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --methods swav --profile   # where the time goes
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --device cuda --arch vit_tiny --batch-size 512
 
@@ -103,10 +107,13 @@ def import_lightly():
 
 class Clocked:
     """A loader that notes when each batch arrives; everything else (len, dataset, sampler: what train_one_epoch
-    and data.set_epoch use) is the wrapped loader's."""
+    and data.set_epoch use) is the wrapped loader's. cached: its batches are made before the clock starts and
+    replayed, so the steps never wait for data and no worker competes with them for the CPU."""
 
-    def __init__(self, loader):
-        self.loader, self.stamps = loader, []
+    def __init__(self, loader, cached=False, device=None):
+        self.loader, self.stamps, self.device = loader, [], device
+        self.batches = list(loader) if cached else None
+        self.memory_at_start = None
 
     def __len__(self):
         return len(self.loader)
@@ -115,9 +122,35 @@ class Clocked:
         return getattr(self.loader, name)
 
     def __iter__(self):
-        for batch in self.loader:
+        if self.device is not None:
+            self.memory_at_start = reset_peak_memory(self.device)
+        for batch in self.loader if self.batches is None else self.batches:
             self.stamps.append(time.perf_counter())
             yield batch
+
+
+def reset_peak_memory(device):
+    """Memory in use now (bytes), and the peak counter restarted from it. CUDA: the caching allocator's
+    allocated bytes; CPU: the process's resident set, the kernel's high-water mark reset (Linux only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # 5: reset the peak resident set size to the current one
+    return _proc_status("VmRSS")
+
+
+def peak_memory(device):
+    """The peak since reset_peak_memory (bytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))  # kB
 
 
 def images_per_second(clocked, warmup, steps, batch_size):
@@ -139,6 +172,7 @@ def ours_args(method, a):
     """The method's args as its command line would give them: its defaults, our size, data and loader."""
     return MODULES[method].get_args_parser().parse_args([
         "--dataset", "folder", "--data-dir", a.data_dir, "--arch", a.arch, "--patch-size", str(a.patch_size),
+        "--img-size", str(a.img_size), *(["--small-crop-size", str(a.img_size // 2)] if method == "swav" else []),
         "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--device", a.device,
         "--precision", "bf16" if a.device.startswith("cuda") else "fp32", "--knn-every", "0"])
 
@@ -167,15 +201,17 @@ def ours_model(method, args):
     return swav.SwAV(backbone, args.hidden_dim, args.out_dim, args.num_prototypes)
 
 
-def run_ours(method, a):
-    """One epoch of the method's train_one_epoch over warmup + steps + 1 batches; images per second."""
+def run_ours(method, a, stats=None):
+    """One epoch of the method's train_one_epoch over warmup + steps + 1 batches; images per second.
+    stats (a dict): gets "step_memory", the peak memory of the epoch above the memory in use at its start."""
     module, args = MODULES[method], ours_args(method, a)
     device = torch.device(a.device)
     mean, std = data.MEAN_STD[args.dataset]
     train_set = data.build_dataset(args.dataset, args.data_dir, "train", ours_transform(method, args, mean, std))
     n_batches = a.warmup + a.steps + 1
     loader = Clocked(data.build_loader(subset(train_set, n_batches * a.batch_size), args.batch_size,
-                                       args.workers, train=True, seed=args.seed))
+                                       args.workers, train=True, seed=args.seed), cached=a.cached,
+                     device=device if stats is not None else None)
     model = ours_model(method, args).to(device)
     lr = args.lr * args.batch_size / 256  # as main(): the linear scaling rule
     optimizer = torch.optim.AdamW(module.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
@@ -194,6 +230,8 @@ def run_ours(method, a):
             byol.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, momentum_schedule, 0, args)
         else:  # the queue starts at --queue-start-epoch (15): none in epoch 0
             swav.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, 0, args, queue=None)
+    if stats is not None:
+        stats["step_memory"] = peak_memory(device) - loader.memory_at_start
     return images_per_second(loader, a.warmup, a.steps, a.batch_size)
 
 
@@ -333,7 +371,8 @@ def run_lightly(method, a, L):
                                                  transform=lightly_transform(method, args, L))
     n_batches = a.warmup + a.steps + 1
     loader = Clocked(DataLoader(subset(train_set, n_batches * a.batch_size), batch_size=a.batch_size, shuffle=True,
-                                num_workers=a.workers, pin_memory=device.type == "cuda", drop_last=True))
+                                num_workers=a.workers, pin_memory=device.type == "cuda", drop_last=True),
+                     cached=a.cached)
     torch.manual_seed(args.seed)
     model = lightly_model(method, args, L, args.epochs * n_batches, amp=device.type == "cuda").to(device)
     decay, no_decay = L.utils.get_weight_decay_parameters(model.trainable())
@@ -379,6 +418,7 @@ def main(argv=None):
     p.add_argument("--methods", default="simclr,moco,byol,swav", help="comma-separated")
     p.add_argument("--arch", default="vit_mini", choices=sorted(DEFAULT_PATCH))
     p.add_argument("--patch-size", type=int, default=None, help="default: 8 for vit_mini, 4 for vit_tiny")
+    p.add_argument("--img-size", type=int, default=32, help="crop size (SwAV's small crops: half of it)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
@@ -387,6 +427,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared/datasets/cifar10"),
                    help="ImageFolder tree with train/ (its train split is used)")
+    p.add_argument("--cached", action="store_true",
+                   help="make each run's batches before timing it: the training step alone, without the data path")
     p.add_argument("--profile", action="store_true", help="one profiled run per side instead of the benchmark")
     a = p.parse_args(argv)
     a.patch_size = a.patch_size or DEFAULT_PATCH[a.arch]
@@ -408,14 +450,17 @@ def main(argv=None):
                 rates[method][side].append(rate)
                 print(f"round {r + 1}/{a.rounds} {method:6s} {side:7s} {rate:7.1f} img/s", flush=True)
 
-    print(f"\n{a.arch}/{a.patch_size}, batch {a.batch_size}, {a.workers} loader worker(s), {a.steps} timed steps "
-          f"after {a.warmup}, median of {a.rounds} round(s), {a.device} "
+    print(f"\n{a.arch}/{a.patch_size} at {a.img_size} px, batch {a.batch_size}, {a.workers} loader worker(s), "
+          f"{a.steps} timed steps after {a.warmup}, median of {a.rounds} round(s), {a.device} "
+          f"{'(batches cached before timing: the step alone) ' if a.cached else ''}"
           f"({'bf16 autocast' if a.device.startswith('cuda') else 'fp32'}); lightly {L.version}\n")
-    print("| method | ours img/s | lightly img/s | ratio ours/lightly |")
-    print("|---|---|---|---|")
+    print("| method | ours img/s | lightly img/s | ratio ours/lightly | per-round ratios (median) |")
+    print("|---|---|---|---|---|")
     for method in methods:
         ours, theirs = (statistics.median(rates[method][s]) for s in ("ours", "lightly"))
-        print(f"| {method} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
+        paired = [o / t for o, t in zip(rates[method]["ours"], rates[method]["lightly"])]  # adjacent in time
+        print(f"| {method} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} | "
+              f"{' '.join(f'{r:.2f}' for r in paired)} ({statistics.median(paired):.2f}) |")
     print(f"\nhardware: {hardware(a.device)}")
     print("command: python " + " ".join(sys.argv if argv is None else [sys.argv[0], *argv]))
 

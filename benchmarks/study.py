@@ -126,8 +126,9 @@ def get_args_parser():
     p.add_argument("--transfer-data-dir", "--transfer-dir", dest="transfer_data_dir",
                    default=os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets", "tinyimagenet20")),
                    help="its root (default: tinyimagenet20, 20 Tiny ImageNet classes; e.g. --transfer-dataset "
-                        "cifar100 --transfer-data-dir data --download)")
-    p.add_argument("--download", action="store_true", help="let torchvision download a transfer dataset")
+                        "cifar100 --transfer-data-dir data)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torchvision fetch a cifar10/cifar100/stl10 transfer dataset when missing")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all four")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
     p.add_argument("--no-unseen", action="store_true",
@@ -226,7 +227,7 @@ def make_plan(args):
         raise SystemExit(f"--data-dir {args.data_dir}: expected an ImageFolder tree with train/<class>/ and test/")
     if args.transfer_dataset == "folder" and not os.path.isdir(args.transfer_data_dir):
         raise SystemExit(f"--transfer-data-dir {args.transfer_data_dir} does not exist (an ImageFolder tree with "
-                         f"train/ and test/; or --transfer-dataset cifar100 --download)")
+                         f"train/ and test/; or --transfer-dataset cifar100)")
     classes = sorted(class_files(src, "train"))
     seen, unseen = classes[:len(classes) // 2], classes[len(classes) // 2:]   # CIFAR-10: airplane..deer | dog..truck
     n = cfg["subset_per_class"]
@@ -428,7 +429,7 @@ def eval_command(plan, model, name):
                "--img-size", str(cfg["img_size"])]
     else:
         who = ["--ckpt", shown(model["ckpt"])]
-    extra = ["--download"] if plan["transfer"]["download"] and dataset != "folder" else []
+    extra = ["--no-download"] if not plan["transfer"]["download"] and dataset != "folder" else []
     return ["python", "eval_linear.py", *who, "--dataset", dataset, "--data-dir", shown(data_dir), *extra,
             "--seed", str(model["seed"])]
 

@@ -14,21 +14,28 @@
 import colorsys
 import dataclasses
 import functools
+import importlib
 import math
+import os
 import random
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torchvision
 from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
+from common import small_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data_sample"
@@ -171,8 +178,97 @@ def test_folder_errors(tmp_path, layout, match):
 
 def test_torchvision_dataset_missing_without_download(tmp_path):
     for name, split in [("cifar10", "train"), ("cifar100", "test"), ("stl10", "train+unlabeled")]:
-        with pytest.raises(data.DataError, match=rf"{name} not found in {tmp_path}: pass --download"):
+        with pytest.raises(data.DataError, match=rf"{name} not found in {tmp_path} and --no-download given"):
             data.build_dataset(name, tmp_path, split, download=False)
+
+
+@pytest.mark.parametrize("script", ["simclr", "moco", "byol", "swav", "eval_linear"])
+def test_defaults_download_cifar10_and_say_one_line_offline(script, tmp_path, monkeypatch):
+    """Catches a fresh machine's `python byol.py --epochs 100` not fetching CIFAR-10 by itself (--download
+    off by default), and a traceback instead of one line when there is no network."""
+    urls = []
+
+    def offline(request, *args, **kwargs):  # what urllib does without a network, after noting the address
+        urls.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    module = importlib.import_module(script)
+    argv = ["--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    argv += ["--random-init", "--arch", "vit_mini", "--patch-size", "8", "--dataset", "cifar10"] \
+        if script == "eval_linear" else []
+    with pytest.raises(data.DataError, match=rf"downloading cifar10 to {tmp_path}/data failed .*Name or service "
+                                             rf"not known.*without internet") as e:
+        module.main(argv)
+    assert "\n" not in str(e.value) and any("cifar-10-python.tar.gz" in u for u in urls)
+    urls.clear()
+    with pytest.raises(data.DataError, match="not found in .* and --no-download given"):
+        module.main(argv + ["--no-download"])
+    assert urls == []
+
+
+def _download_in_process(rank, world, root):
+    """One torchrun process building CIFAR-10 with download=True; torchvision's class replaced by one that
+    notes who downloads and fails to read an archive that is not complete yet."""
+    os.environ.update(LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
+
+    class FakeCIFAR10:
+        def __init__(self, data_dir, train, transform=None, download=False):
+            archive = Path(data_dir) / "archive"
+            if download and not archive.exists():
+                with open(Path(data_dir) / "downloads", "a") as f:
+                    f.write(f"{rank}\n")
+                time.sleep(1.0)  # a download takes a while
+                archive.write_text("done")
+            elif not archive.exists():
+                raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+    torchvision.datasets.CIFAR10 = FakeCIFAR10
+    data.build_dataset("cifar10", root, "train", download=True)
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_one_process_per_machine_downloads(tmp_path):
+    """Catches every torchrun process downloading the same archive into the same folder at once (a torn
+    file), or a process reading it before the download finished."""
+    torch.multiprocessing.spawn(_download_in_process, args=(2, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "downloads").read_text() == "0\n"
+
+
+def test_unreadable_image_is_one_line_naming_the_file(tmp_path):
+    """Catches a corrupt or truncated file in a folder dataset surfacing as a loader worker's traceback (or
+    not naming the file), on both data paths and with or without workers."""
+    root = Path(small_folder(tmp_path / "data", train_per_class=3, test_per_class=1))
+    good = sorted((root / "train" / "cat").iterdir())[0]
+    tf = data.simclr_transform(32, MEAN, STD)
+    cases = [(root / "train" / "bird" / "notes.jpg", b"not an image", "not an image format PIL knows"),
+             (root / "train" / "dog" / "cut.jpg", good.read_bytes()[:300], "runcated")]  # PIL: "Truncated ..."
+    for bad, content, why in cases:
+        bad.write_bytes(content)
+        ds = data.build_dataset("folder", root, "train", tf)
+        for workers in (0, 2):
+            with pytest.raises(data.DataError) as e:
+                for _ in data.build_loader(ds, 8, workers, train=True):
+                    pass
+            assert str(e.value).startswith(f"cannot read image {bad} (") and why in str(e.value), str(e.value)
+            assert "\n" not in str(e.value)
+        with pytest.raises(data.DataError, match=rf"cannot read image {bad} \(.*{why}"):
+            data.build_device_loader(ds, [data.simclr_spec(32)] * 2, MEAN, STD, 8, "cpu")
+        bad.unlink()
+    ds = data.build_dataset("folder", root, "train", tf)
+    assert sum(1 for _ in data.build_loader(ds, 8, 2, train=True)) == 30 // 8  # readable again
+
+
+def test_training_script_stops_on_an_unreadable_image_with_one_line(tmp_path):
+    """Catches the message being lost on the way out of a training script (a worker's traceback instead)."""
+    root = Path(small_folder(tmp_path / "data", train_per_class=3, test_per_class=1))
+    (root / "train" / "frog" / "x.jpg").write_bytes(b"GIF89a garbage")
+    r = subprocess.run([sys.executable, str(ROOT / "byol.py"), "--dataset", "folder", "--data-dir", str(root),
+                        "--arch", "vit_mini", "--patch-size", "8", "--batch-size", "8", "--workers", "2",
+                        "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last.startswith(f"cannot read image {root}/train/frog/x.jpg ("), r.stderr[-2000:]
 
 
 def test_bad_name_or_split():
