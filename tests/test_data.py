@@ -195,7 +195,7 @@ def test_defaults_download_cifar10_and_say_one_line_offline(script, tmp_path, mo
     module = importlib.import_module(script)
     argv = ["--data-dir", str(tmp_path / "data"), "--device", "cpu"]
     argv += ["--random-init", "--arch", "vit_mini", "--patch-size", "8", "--dataset", "cifar10"] \
-        if script == "eval_linear" else []
+        if script == "eval_linear" else ["--out", str(tmp_path / "run")]
     with pytest.raises(data.DataError, match=rf"downloading cifar10 to {tmp_path}/data failed .*Name or service "
                                              rf"not known.*without internet") as e:
         module.main(argv)
