@@ -80,12 +80,14 @@ def build_dataset(name, data_dir, split, transform=None, download=False):
     where = {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
         if download and dist.is_available() and dist.is_initialized():
-            # under torchrun one process per machine downloads (the archive is one file) while the others wait
+            # under torchrun one process per machine downloads (the archive is one file), the others wait for it
             first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+            if not first:
+                dist.barrier()
+            dataset = tv[name](data_dir, **where, transform=transform, download=first)
             if first:
-                tv[name](data_dir, **where, download=True)
-            dist.barrier()
-            download = False
+                dist.barrier()
+            return dataset
         return tv[name](data_dir, **where, transform=transform, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise DataError(f"{name} not found in {data_dir} and --no-download given: drop it to fetch {name} there "
