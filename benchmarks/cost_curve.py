@@ -18,15 +18,19 @@ crops at half the size (a quarter of the tokens).
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("simclr", "moco", "byol", "swav")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import method_speed  # noqa: E402  (its run_ours builds and times the method file's own step)
+
+METHODS = tuple(method_speed.MODULES)
 
 
 def points(base, sizes, patches, batches):
@@ -40,9 +44,6 @@ def points(base, sizes, patches, batches):
 
 def measure(method, size, patch, batch, a):
     """This process: one run of the method at one point; prints its figures as one JSON line."""
-    import torch
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import method_speed
     run = SimpleNamespace(data_dir=a.data_dir, arch=a.arch, patch_size=patch, img_size=size, batch_size=batch,
                           workers=a.workers, device=a.device, warmup=a.warmup, steps=a.steps, cached=True)
     stats = {}
@@ -54,7 +55,7 @@ def measure(method, size, patch, batch, a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    p.add_argument("--arch", default="vit_tiny", choices=["vit_mini", "vit_tiny", "vit_small", "vit_base"])
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(method_speed.vit.ARCHS))
     p.add_argument("--base", type=int, nargs=3, default=[32, 4, 64], metavar=("SIZE", "PATCH", "BATCH"))
     p.add_argument("--sizes", type=int, nargs="*", default=[64, 96], help="image sizes at the base patch and batch")
     p.add_argument("--patches", type=int, nargs="*", default=[8, 2], help="patch sizes at the base image and batch")
@@ -74,12 +75,13 @@ def main(argv=None):
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if set(methods) - set(METHODS):
         raise SystemExit(f"error: unknown method(s) {sorted(set(methods) - set(METHODS))}: choose from {METHODS}")
-    bad = [(s, q) for s, q, _ in points(a.base, a.sizes, a.patches, a.batches) if s % q or (s // 2) % q]
+    grid = points(a.base, a.sizes, a.patches, a.batches)
+    bad = [(s, q) for s, q, _ in grid if s % q or (s // 2) % q]
     if bad:
         raise SystemExit(f"error: the patch size must divide the image size and SwAV's half-size crops: {bad}")
 
     rows = {}
-    for size, patch, batch in points(a.base, a.sizes, a.patches, a.batches):
+    for size, patch, batch in grid:
         for method in methods:
             child = [sys.executable, __file__, "--one", method, str(size), str(patch), str(batch),
                      *[f"--{k}={v}" for k, v in (("arch", a.arch), ("steps", a.steps), ("warmup", a.warmup),
@@ -104,14 +106,12 @@ def main(argv=None):
           f"img/s | MB of the step (see the docstring)\n")
     print("| image | patch | tokens | batch | " + " | ".join(f"{m} img/s | {m} MB" for m in methods) + " |")
     print("|---|---|---|---|" + "---|---|" * len(methods))
-    for size, patch, batch in points(a.base, a.sizes, a.patches, a.batches):
+    for size, patch, batch in grid:
         cells = []
         for m in methods:
             point = rows[size, patch, batch, m]
             cells += ["failed", ""] if point is None else [f"{point['img_s']:.1f}", f"{point['step_mb']:.0f}"]
         print(f"| {size} | {patch} | {(size // patch) ** 2} | {batch} | " + " | ".join(cells) + " |")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import method_speed
     print(f"\nhardware: {method_speed.hardware(a.device)}")
     print("command: python benchmarks/cost_curve.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
