@@ -1,4 +1,4 @@
-"""BYOL: Bootstrap Your Own Latent, self-supervised learning without negative pairs.
+r"""BYOL: Bootstrap Your Own Latent, self-supervised learning without negative pairs.
 
 Paper: Grill, Strub, Altché, Tallec, Richemond, Buchatskaya, Doersch, Pires, Guo, Azar, Piot, Kavukcuoglu,
 Munos, Valko, "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning", NeurIPS 2020,
@@ -23,10 +23,17 @@ Run:
 Differences from the paper:
   - ViT (CLS token) on 32 px images instead of ResNet-50 at 224 px; batch 512 instead of 4096, 100 epochs
     instead of 1000 (and tau_base 0.99, the reference configs' value for 100 and 300 epochs, not 0.996).
-  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, weight decay
-    0.1 (MoCo v3's ViT value) instead of 1.5e-6, still none on biases, norms and tokens.
+  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256 instead of
+    0.45 * batch / 256 (the reference config for 100 epochs; the paper's 0.2 is for 1000), weight decay 0.1
+    (MoCo v3's ViT value) instead of 1e-6 (1.5e-6 for 1000 epochs); none on biases and norms, as the
+    reference (exclude_bias_and_norm), and none on the CLS token and position embedding either.
   - Both views go through the ViT in one batch (a ViT has no batch statistics, so this changes nothing);
     the MLPs see each view's batch separately, as in the reference code (their BN statistics are per view).
+  - Gradient clipping at a total norm of 3.0 (--clip-grad; 0: off); the reference does not clip. 3.0 is
+    DINO's --clip_grad, which DINO applies to each parameter's gradient on its own (utils.clip_gradients), so
+    the total-norm clip here is the stricter of the two. The loss has the reference's scale.
+  - No linear classifier trained beside the network on stop-gradient features (the reference's training
+    monitor): the log's k-NN accuracy takes its place.
   - No blur on 32 px images (see data.byol_specs). Global BN (SyncBatchNorm) only on CUDA.
 """
 import argparse
@@ -61,9 +68,10 @@ def byol_loss(p, z):
 
 # ---- model ----
 def mlp(in_dim, hidden_dim, out_dim):
-    """The projector and predictor of §3.3: Linear (4096) - BN - ReLU - Linear (256), no BN on the output."""
+    """The projector and predictor of §3.3: Linear (4096) - BN - ReLU - Linear (256), no BN on the output and,
+    as the reference's MLP (utils/networks.py), no bias on the last Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+                         nn.Linear(hidden_dim, out_dim, bias=False))
 
 
 class BYOL(nn.Module):
@@ -99,14 +107,22 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """target <- m * target + (1 - m) * online, every parameter (§3.1: xi <- tau xi + (1 - tau) theta).
-    One multi-tensor lerp (target + (1 - m) (online - target)): a few kernels for all ~160 tensors of a ViT-Tiny
-    and its head instead of two per tensor, which on a GPU are launches of their own."""
+    """target <- m * target + (1 - m) * online, every parameter (§3.1: xi <- tau xi + (1 - tau) theta), i.e.
+
+        for t, o in zip(target.parameters(), online.parameters()):
+            t.mul_(m).add_(o, alpha=1 - m)
+
+    (buffers, BN's running statistics, stay the target's own). Computed as one multi-tensor lerp,
+    target + (1 - m) (online - target), the same up to rounding: a few kernels for all ~160 tensors of a
+    ViT-Tiny and its head instead of two per tensor, which on a GPU are launches of their own."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 
 def param_groups(model, weight_decay):
-    """No weight decay on biases, norms and tokens (as DeiT and DINO)."""
+    """AdamW's two groups: weight_decay on every trainable parameter of 2 or more dimensions, 0 on biases and
+    norms (1-D) and on the CLS token and position embedding, DeiT's rule (timm's no_weight_decay). DINO's
+    get_params_groups exempts only biases and norms (it decays the tokens), and so does BYOL's LARS
+    (exclude_bias_and_norm). Parameters with requires_grad False (the target network) are in neither group."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -124,14 +140,15 @@ def save_checkpoint(path, ckpt):
 
 def get_args_parser():
     p = argparse.ArgumentParser("BYOL pretraining of a ViT", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     # shared flags (same names in every method file)
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"])
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
     p.add_argument("--data-dir", default="data", help="dataset root; for 'folder' a tree with train/ and test/")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
-    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS))
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
     p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
     p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=False,
@@ -139,9 +156,11 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=100, help="paper: 1000 (ImageNet)")
     p.add_argument("--batch-size", type=int, default=512, help="total over all processes (paper: 4096)")
     p.add_argument("--lr", type=float, default=5e-4,
-                   help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: LARS 0.2 * B/256)")
+                   help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (reference configs, LARS: "
+                        "0.45 * B/256 for 100 epochs, 0.3 for 300, 0.2 for the paper's 1000)")
     p.add_argument("--weight-decay", type=float, default=0.1,
-                   help="AdamW decoupled decay (MoCo v3's ViT value; paper: 1.5e-6 with LARS)")
+                   help="AdamW decoupled decay (MoCo v3's ViT value; reference configs, LARS: 1e-6 for 40-300 "
+                        "epochs, 1.5e-6 for the paper's 1000)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
     p.add_argument("--gpu-aug", action="store_true",
@@ -150,11 +169,13 @@ def get_args_parser():
                         "cannot keep fed. Same recipe, other random draws than the default PIL path")
     p.add_argument("--out", default="runs/byol", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on CUDA (fp16 adds a gradient scaler); CPU and MPS run in fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
+                        "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     # BYOL's own
     p.add_argument("--momentum", type=float, default=0.99,
@@ -174,7 +195,8 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     device = next(model.parameters()).device
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    precision = eval_linear.resolve_precision(args.precision, device)  # main() resolved it already; tests may not
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     use_amp = device.type == "cuda" and amp_dtype is not None
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
@@ -258,8 +280,8 @@ def main(argv=None):
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
+    args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, or another --out")
@@ -320,13 +342,14 @@ def main(argv=None):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("method") != "byol" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
-            raise SystemExit(f"error: {ckpt_path} is not a byol checkpoint of this repo "
-                             f"(method {ckpt.get('method')!r}, keys {sorted(ckpt)})")
+        ckpt = eval_linear.read_checkpoint(ckpt_path)  # one line, not a traceback, if it is truncated
+        is_dict = isinstance(ckpt, dict)
+        if not is_dict or ckpt.get("method") != "byol" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
+            what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
+            raise SystemExit(f"error: {ckpt_path} is not a byol checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
         free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "gpu_aug"}  # --gpu-aug: the same recipe, other random draws
+                "gpu_aug", "precision"}  # --gpu-aug: the same recipe, other random draws; precision: the GPU's
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:
@@ -341,6 +364,9 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            if start_epoch >= args.epochs:
+                print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
+                      f"(a larger --epochs continues it)")
             old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if old_epochs != args.epochs:  # the cosines now end at the new length: lr and tau jump, not bit-exact
                 print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedules are stretched to "
@@ -348,6 +374,13 @@ def main(argv=None):
                       f"{schedules_for(old_epochs)[0](step):.3g} to {lr_schedule(step):.3g}")
 
     # ---- train ----
+    log_path = os.path.join(args.out, "log.jsonl")
+    if start_epoch == 0:  # the untrained network's k-NN first: the baseline the later lines gain on
+        knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device) if args.knn_every else None
+        if is_main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, momentum_schedule,
                                 epoch, args)
@@ -364,12 +397,20 @@ def main(argv=None):
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
             print(json.dumps(log))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # after the checkpoint: no line twice
+            with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
+    if is_main:
+        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
+              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
+                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")

@@ -25,13 +25,14 @@ runs the tensor kernels instead.
 
 Look at what a method trains on (rows: images; columns: the original, then the views):
     python data.py --show simclr --out views.png
-    python data.py --show swav --out views.png --dataset folder --data-dir ../shared/datasets/cifar10
+    python data.py --show swav --out views.png --dataset cifar10 --data-dir data   # CIFAR-10, fetched into ./data
     python data.py --show byol --out views.png --gpu-aug      # the batched device path's views
 """
 import argparse
 import dataclasses
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shippe
 class DataError(SystemExit):
     """Missing or malformed data. A SystemExit, so a script that does not catch it prints this one line
     and exits with status 1 instead of showing a traceback: the fix is in the message, not in the code."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help of the training scripts: the module docstring as written (its examples print line for line),
+    then every option with its default."""
 
 
 # Per-channel mean and std of the training pixels, in [0, 1] units.
@@ -78,21 +84,26 @@ def build_dataset(name, data_dir, split, transform=None, download=False):
     if name == "folder":
         return _image_folder(data_dir, split, transform)
     where = {"split": split} if name == "stl10" else {"train": split == "train"}
+    # under torchrun one process per machine downloads (the archive is one file), the others wait for it
+    shared = download and dist.is_available() and dist.is_initialized()
+    fetch = download and (not shared or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0)
+    created = fetch and not os.path.exists(data_dir)  # a failed download then leaves no empty folder behind
     try:
-        if download and dist.is_available() and dist.is_initialized():
-            # under torchrun one process per machine downloads (the archive is one file), the others wait for it
-            first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-            if not first:
-                dist.barrier()
-            dataset = tv[name](data_dir, **where, transform=transform, download=first)
-            if first:
-                dist.barrier()
-            return dataset
-        return tv[name](data_dir, **where, transform=transform, download=download)
+        if shared and not fetch:
+            dist.barrier()
+        dataset = tv[name](data_dir, **where, transform=transform, download=fetch)
+        if shared and fetch:
+            dist.barrier()
+        return dataset
     except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise DataError(f"{name} not found in {data_dir} and --no-download given: drop it to fetch {name} there "
-                        f"(needs internet), or use --dataset folder --data-dir <ImageFolder tree>") from None
+        how = ("--no-download given: drop it to fetch it there (needs internet)" if not download else
+               "this run's downloading process left no complete copy there" if not fetch else
+               f"downloaded, but incomplete: delete {data_dir} and run again")
+        raise DataError(f"{name} not found in {data_dir} ({how}); or use --dataset folder --data-dir "
+                        f"<ImageFolder tree>") from None
     except OSError as e:  # no network, refused connection, full disk, ...
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
         raise DataError(f"downloading {name} to {data_dir} failed ({e}); without internet use "
                         f"--dataset folder --data-dir <ImageFolder tree>") from None
 
@@ -647,13 +658,50 @@ def method_views(method, img_size, mean, std):
     return pil_views(method_specs(method, img_size), mean, std)
 
 
+def show_labels(specs, img_size):
+    """The header of show's columns: the original, then one label per view spec, each with its side in pixels.
+    Views all of img_size are "view 1", "view 2", ...; multi-crop's (some smaller) "global i" and "small i"."""
+    multicrop = any(spec.size != img_size for spec in specs)
+    labels, count = [f"original\n{img_size} px"], {}
+    for spec in specs:
+        kind = ("global" if spec.size == img_size else "small") if multicrop else "view"
+        count[kind] = count.get(kind, 0) + 1
+        labels.append(f"{kind} {count[kind]}\n{spec.size} px")
+    return labels
+
+
+SHOW_HEADER = 32  # px of white above show's grid: every column's label, two lines
+
+
+def _with_header(grid, labels, left, pitch):
+    """grid float (3, H, W) in [0, 1] -> a PIL image with SHOW_HEADER px of white on top, labels[c] centred over
+    column c (its centre at x = left + c * pitch). PIL's own default font: no matplotlib."""
+    from PIL import ImageDraw, ImageFont
+    body = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image rounds
+    image = Image.new("RGB", (body.shape[1], body.shape[0] + SHOW_HEADER), "white")
+    image.paste(Image.fromarray(body), (0, SHOW_HEADER))
+    try:
+        font = ImageFont.load_default(size=12)  # Pillow >= 10.1 with FreeType: a scalable font
+    except TypeError:
+        font = ImageFont.load_default()         # older Pillow: the fixed bitmap font
+    draw = ImageDraw.Draw(image)
+    for c, text in enumerate(labels):
+        x0, y0, x1, y1 = draw.multiline_textbbox((0, 0), text, font=font, align="center")
+        draw.multiline_text((left + c * pitch - (x0 + x1) / 2, (SHOW_HEADER - (y1 - y0)) / 2 - y0), text,
+                            fill="black", font=font, align="center")
+    return image
+
+
 def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6, seed=0, gpu_aug=False):
-    """PNG grid: one image per row, its original (eval transform) then the method's views, un-normalized;
-    views smaller than the cell (multi-crop) sit at their own size on grey. gpu_aug: the views of the batched
-    device path (device_views, here on the CPU) instead of the PIL path's."""
+    """PNG grid: one image per row, its original (eval transform) then the method's views, un-normalized, under a
+    header naming each column and its side in pixels (show_labels: "original", "view 1", "view 2"; multi-crop:
+    "global 1", ..., "small 1", ...). Views smaller than the cell (multi-crop's small crops) sit at their own
+    size on grey: the crops keep their true relative sizes. gpu_aug: the views of the batched device path
+    (device_views, here on the CPU) instead of the PIL path's. torchvision's datasets are downloaded into
+    data_dir when missing, as the training scripts do."""
     torch.manual_seed(seed)
     mean, std = MEAN_STD[dataset]
-    ds = build_dataset(dataset, data_dir, "train")
+    ds = build_dataset(dataset, data_dir, "train", download=True)
     views, orig = method_views(method, img_size, mean, std), eval_transform(img_size, mean, std)
     picks = range(0, len(ds), len(ds) // rows)[:rows]  # evenly spaced: different classes in a sorted tree
     if gpu_aug:
@@ -668,10 +716,12 @@ def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6
             top, left = (img_size - x.shape[1]) // 2, (img_size - x.shape[2]) // 2
             cell[:, top:top + x.shape[1], left:left + x.shape[2]] = x
             cells.append(cell)
-    grid = torchvision.utils.make_grid(cells, nrow=1 + len(views.transforms), padding=2, pad_value=1.0)
+    pad = 2
+    grid = torchvision.utils.make_grid(cells, nrow=1 + len(views.transforms), padding=pad, pad_value=1.0)
     zoom = max(1, 128 // img_size)  # 32 px images are too small to judge at 1:1
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=zoom, mode="nearest")[0]
-    torchvision.utils.save_image(grid, out)
+    labels = show_labels(method_specs(method, img_size), img_size)
+    _with_header(grid, labels, zoom * (pad + img_size / 2), zoom * (img_size + pad)).save(out, optimize=True)
     print(f"wrote {out}: {rows} images x (original + {len(views.transforms)} {method} views"
           f"{', batched device path' if gpu_aug else ''})")
 

@@ -294,6 +294,20 @@ def _timm_vit_kwargs(sd, path, num_heads):
                 in_chans=in_chans, pos_embed="learned")
 
 
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) on the CPU, or a one-line SystemExit naming what is wrong with the file
+    (missing, truncated, not a PyTorch file, pickled objects): the training scripts' --resume reads with it too."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint not found: {path}") from None
+    except Exception as e:  # not a torch file, a truncated one, or pickled objects that weights_only refuses
+        obj = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = (f"it pickles an object ({obj.group(1)}); only tensors, numbers, strings, lists, dicts load" if obj
+               else f"not a PyTorch file, or a truncated / corrupted one ({type(e).__name__})")
+        raise SystemExit(f"{path}: not a checkpoint readable with torch.load(weights_only=True): {why}") from None
+
+
 def load_backbone(path, num_heads=None):
     """(VisionTransformer on CPU in eval mode, meta dict) from a checkpoint file.
 
@@ -304,15 +318,7 @@ def load_backbone(path, num_heads=None):
     meta: method, epoch, arch, vit_kwargs, pretrain_dataset, pretrain_data_dir, ckpt, and mean_std: the
     input normalization it was trained with (its pretraining dataset's; ImageNet's for timm / DeiT weights).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint not found: {path}") from None
-    except Exception as e:  # not a torch file, a truncated one, or pickled objects that weights_only refuses
-        obj = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        why = (f"it pickles an object ({obj.group(1)}); only tensors, numbers, strings, lists, dicts load" if obj
-               else f"not a PyTorch file, or a truncated / corrupted one ({type(e).__name__})")
-        raise SystemExit(f"{path}: not a checkpoint readable with torch.load(weights_only=True): {why}") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise SystemExit(f"{path}: expected a dict (a checkpoint of this repo or a ViT state dict), "
                          f"found {type(ckpt).__name__}")
@@ -423,6 +429,21 @@ def resolve_device(name):
     return torch.device("cpu")
 
 
+def resolve_precision(name, device, announce=False):
+    """The training scripts' --precision: "auto" is bf16 on a GPU that has it (Ampere and newer) and fp16 with a
+    gradient scaler on one that does not (a T4, Colab's free GPU, or a V100); an explicit choice is kept. Off CUDA
+    autocast is not used: fp32. announce: say once what "auto" chose and why."""
+    if device.type != "cuda":
+        return "fp32"
+    if name != "auto":
+        return name
+    chosen = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if announce:
+        print(f"precision: {chosen} autocast" + (" (this GPU has bf16)" if chosen == "bf16" else
+              " with a gradient scaler (this GPU has no bf16)") + "; --precision fp32 turns it off")
+    return chosen
+
+
 def markdown_table(rows, finetune):
     cols = ["method", "epochs", "arch", "eval data", "k-NN top-1", "linear top-1", "linear top-5"]
     cols += ["finetune top-1"] if finetune else []
@@ -447,6 +468,8 @@ def main(argv=None):
     if args.random_init:
         torch.manual_seed(args.seed)
         if args.arch is not None:
+            if (args.img_size or 32) % args.patch_size:
+                raise SystemExit(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
             backbone = vit.ARCHS[args.arch](img_size=args.img_size or 32, patch_size=args.patch_size).eval()
         elif models:
             backbone = vit.VisionTransformer(**models[0][1]["vit_kwargs"]).eval()
@@ -456,6 +479,12 @@ def main(argv=None):
         models.insert(0, (backbone, {"method": "random init", "epoch": 0, "arch": describe_arch(kw),
                                      "vit_kwargs": kw, "pretrain_dataset": None, "pretrain_data_dir": None,
                                      "mean_std": None, "ckpt": None}))
+
+    for _, meta in models:  # a size the patches do not tile: one line here, not a traceback from the first batch
+        size, patch = args.img_size or meta["vit_kwargs"]["img_size"], meta["vit_kwargs"]["patch_size"]
+        if size % patch:
+            raise SystemExit(f"--img-size {size} is not a multiple of the patch size {patch} of {meta['method']} "
+                             f"({meta['arch']}): use a multiple of {patch}")
 
     # ---- data ----
     first = next((m for _, m in models if m["ckpt"] is not None), {})

@@ -1,4 +1,4 @@
-"""SimCLR: contrastive learning with in-batch negatives.
+r"""SimCLR: contrastive learning with in-batch negatives.
 
 Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020, https://arxiv.org/abs/2002.05709
@@ -19,11 +19,21 @@ Run:
 
 Differences from the paper:
   - ViT (CLS token) on 32 px images instead of ResNet-50 at 224 px.
-  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, cosine decay.
+  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, cosine decay;
+    weight decay 0.05 (DeiT/DINO's AdamW value) instead of 1e-6, and none on biases, norms, the CLS token and
+    the position embedding (DeiT's rule; the reference's LARS exempts biases and BatchNorm).
   - Batch 512 on one GPU instead of 4096; temperature 0.5, the paper's best for CIFAR-10 (Appendix B.9),
     instead of 0.1 for ImageNet at batch 4096.
   - No Gaussian blur on 32 px images, colour strength 0.5 (the paper's CIFAR-10 recipe, Appendix B.9).
+  - The head's hidden layer is 2048 wide (--hidden-dim), not the encoder's width: the reference code's
+    projection_head (model_util.py) is as wide as its input, 2048 for ResNet-50, which would be 192 here.
+    Two layers as in the paper (the code's current default, num_proj_layers 3, is SimCLRv2's).
   - The head's last BatchNorm has no affine parameters (the paper's code keeps a scale, drops the bias).
+  - The loss is the mean over all 2B anchors, half the reference's loss_a + loss_b (objective.py: the sum of
+    the two directions): the same optimum, and AdamW's steps do not depend on the loss scale; clipping does.
+  - Gradient clipping at a total norm of 3.0 (--clip-grad; 0: off); the reference does not clip. 3.0 is
+    DINO's --clip_grad, which DINO applies to each parameter's gradient on its own (utils.clip_gradients), so
+    the total-norm clip here is the stricter of the two.
   - Global BN (SyncBatchNorm) only on CUDA: under torchrun on CPU each process normalizes its own batch.
 """
 import argparse
@@ -95,7 +105,10 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0
 
 
 def param_groups(model, weight_decay):
-    """No weight decay on biases, norms and tokens (as DeiT, DINO, MoCo v3)."""
+    """AdamW's two groups: weight_decay on every trainable parameter of 2 or more dimensions, 0 on biases and
+    norms (1-D) and on the CLS token and position embedding, DeiT's rule (timm's no_weight_decay). DINO's
+    get_params_groups exempts only biases and norms (it decays the tokens), MoCo v3's AdamW decays everything,
+    SimCLR's LARS exempts biases and BatchNorm. Parameters with requires_grad False are in neither group."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -113,14 +126,15 @@ def save_checkpoint(path, ckpt):
 
 def get_args_parser():
     p = argparse.ArgumentParser("SimCLR pretraining of a ViT", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     # shared flags (same names in every method file)
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"])
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
     p.add_argument("--data-dir", default="data", help="dataset root; for 'folder' a tree with train/ and test/")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
-    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS))
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
     p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
     p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action="store_true",
@@ -140,16 +154,20 @@ def get_args_parser():
                         "cannot keep fed. Same recipe, other random draws than the default PIL path")
     p.add_argument("--out", default="runs/simclr", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on CUDA (fp16 adds a gradient scaler); CPU and MPS run in fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
+                        "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     # SimCLR's own
     p.add_argument("--temperature", type=float, default=0.5,
                    help="NT-Xent tau: 0.5 is the paper's best on CIFAR-10 (App. B.9); 0.1 for ImageNet, batch 4096")
-    p.add_argument("--hidden-dim", type=int, default=2048, help="projection head width (paper: 2048)")
+    p.add_argument("--hidden-dim", type=int, default=2048,
+                   help="projection head's hidden width (reference code: the encoder's width, 2048 for ResNet-50; "
+                        "that rule would give 192 for ViT-Tiny)")
     p.add_argument("--out-dim", type=int, default=128, help="projection output (paper: 128)")
     p.add_argument("--color-strength", type=float, default=0.5,
                    help="colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR-10)")
@@ -163,7 +181,8 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     device = next(model.parameters()).device
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    precision = eval_linear.resolve_precision(args.precision, device)  # main() resolved it already; tests may not
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     use_amp = device.type == "cuda" and amp_dtype is not None
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
@@ -246,8 +265,8 @@ def main(argv=None):
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
+    args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, or another --out")
@@ -307,13 +326,14 @@ def main(argv=None):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("method") != "simclr" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
-            raise SystemExit(f"error: {ckpt_path} is not a simclr checkpoint of this repo "
-                             f"(method {ckpt.get('method')!r}, keys {sorted(ckpt)})")
+        ckpt = eval_linear.read_checkpoint(ckpt_path)  # one line, not a traceback, if it is truncated
+        is_dict = isinstance(ckpt, dict)
+        if not is_dict or ckpt.get("method") != "simclr" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
+            what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
+            raise SystemExit(f"error: {ckpt_path} is not a simclr checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
         free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "gpu_aug"}  # --gpu-aug: the same recipe, other random draws
+                "gpu_aug", "precision"}  # --gpu-aug: the same recipe, other random draws; precision: the GPU's
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:
@@ -328,6 +348,9 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            if start_epoch >= args.epochs:
+                print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
+                      f"(a larger --epochs continues it)")
             old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
                 print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is stretched to "
@@ -335,6 +358,13 @@ def main(argv=None):
                       f"{lr_schedule_for(old_epochs)(step):.3g} to {lr_schedule(step):.3g}")
 
     # ---- train ----
+    log_path = os.path.join(args.out, "log.jsonl")
+    if start_epoch == 0:  # the untrained network's k-NN first: the baseline the later lines gain on
+        knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device) if args.knn_every else None
+        if is_main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, epoch, args)
         knn = None
@@ -350,12 +380,20 @@ def main(argv=None):
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
             print(json.dumps(log))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # after the checkpoint: no line twice
+            with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
+    if is_main:
+        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
+              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
+                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")

@@ -1,4 +1,4 @@
-"""SwAV: online clustering with swapped assignments between multi-crop views.
+r"""SwAV: online clustering with swapped assignments between multi-crop views.
 
 Paper: Caron, Misra, Mairal, Goyal, Bojanowski, Joulin, "Unsupervised Learning of Visual Features by
 Contrasting Cluster Assignments", NeurIPS 2020, https://arxiv.org/abs/2006.09882
@@ -23,8 +23,12 @@ Run:
 
 Differences from the paper:
   - ViT (CLS token) on 32 px images instead of ResNet-50 at 224 px; multi-crop 2x32 + 6x16 px instead of
-    2x224 + 6x96 px (the same ratio of small to large side, rounded to a multiple of the patch size).
-  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, cosine decay.
+    2x224 + 6x96 px (the same ratio of small to large side, rounded to a multiple of the patch size). A small
+    crop's sin-cos position embedding spans the global grid's field at fractional positions (vit.py).
+  - AdamW instead of LARS (LARS is unstable with ViTs, MoCo v3 §5), lr 5e-4 * batch / 256, cosine decay to 0
+    (the reference scripts end at base lr / 1000), 10 warmup epochs (the reference's batch-4096 recipe; its
+    batch-256 script has none); weight decay 0.05 (DeiT/DINO's AdamW value) instead of 1e-6, and none on
+    biases, norms, the CLS token and the position embedding (the reference decays every parameter).
   - Batch 256 on one GPU instead of 4096, with the reference code's small-batch measures: prototypes frozen
     for the first epoch, a queue of 3840 past features for the codes from epoch 15 (its batch-256 recipe).
   - At this batch the paper's epsilon 0.05 and colour distortion 1.0 collapse a short run (the loss sits at
@@ -32,6 +36,12 @@ Differences from the paper:
     first advice) and colour strength 0.5 (SimCLR's CIFAR-10 value) learn. Measured: get_args_parser().
   - K = 1000 prototypes instead of 3000 (see --num-prototypes).
   - The head's first Linear has no bias (a BatchNorm follows it).
+  - Sinkhorn subtracts each prototype's largest score before the exp (the reference exponentiates the raw
+    scores): the same codes, without the fp32 underflow of a batch gathered around one prototype.
+  - Gradient clipping at a total norm of 3.0 (--clip-grad; 0: off); the reference does not clip. 3.0 is
+    DINO's --clip_grad, which DINO applies to each parameter's gradient on its own (utils.clip_gradients), so
+    the total-norm clip here is the stricter of the two.
+  - bf16 autocast on CUDA (--precision); the reference trains in fp16 (apex O1, --use_fp16 true).
   - Global BN (SyncBatchNorm) only on CUDA: under torchrun on CPU each process normalizes its own batch.
 """
 import argparse
@@ -61,8 +71,11 @@ def sinkhorn(scores, epsilon, iterations, distributed=False):
     Q = diag(u) exp(scores / epsilon) diag(v) after `iterations` rounds of alternate rescaling.
     distributed: this process holds its share of the batch; the sums over samples are all-reduced, so the
         equipartition holds over all processes' samples (B = the global count).
-    fp32, no gradient: the codes are targets. exp(1 / epsilon) is e^20 at epsilon 0.05, e^50 at 0.02 (fp16
-    overflows at both; fp32 below epsilon 0.0113).
+    fp32, no gradient: the codes are targets. Each prototype's largest score over the batch (all processes'
+    samples) is subtracted before the exp: that multiplies row k of exp(scores / epsilon) by a constant, which
+    the first row normalization cancels exactly (iterations >= 1), so the codes are the paper's. Without it, a
+    batch gathered around one prototype puts e^50 next to e^-50 at epsilon 0.02, and after the division by the
+    total a prototype far from every sample falls below fp32's smallest number (its row loses its precision).
     """
     world = dist.get_world_size() if distributed else 1
 
@@ -71,9 +84,13 @@ def sinkhorn(scores, epsilon, iterations, distributed=False):
             dist.all_reduce(x)
         return x
 
+    scores = scores.float()                                            # (B, K) this process's samples
+    top = scores.max(dim=0).values                                     # (K,) each prototype's best score ...
+    if distributed:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)                     # ... over all processes' samples
     # Q stays a joint distribution over (prototype, sample) as the paper writes it; the divisions by K and B are
     # uniform factors that the next normalization cancels, only the row and column sums shape the codes
-    Q = torch.exp(scores.float() / epsilon).T                          # (K, B) the paper's orientation
+    Q = torch.exp((scores - top) / epsilon).T                          # (K, B) the paper's orientation, <= 1
     K, B = Q.shape[0], Q.shape[1] * world                              # B: samples over all processes
     Q /= sum_over_processes(Q.sum())                                   # a joint distribution: sums to 1
     for _ in range(iterations):
@@ -115,7 +132,8 @@ class SwAV(nn.Module):
 
     def forward(self, crops):                               # V tensors (B, C, H_v, W_v), same sizes consecutive
         # one backbone call per crop size, as the reference's multi-resolution forward: a ViT batch needs one
-        # sequence length, and vit.py recomputes the sin-cos position embedding for the small crops' grid
+        # sequence length, and vit.py recomputes the sin-cos position embedding for the small crops' grid (at
+        # fractional positions spanning the global grid's field: a small crop is a whole picture, smaller)
         cuts = [0] + [v for v in range(1, len(crops)) if crops[v].shape[-2:] != crops[v - 1].shape[-2:]]
         cuts.append(len(crops))
         h = torch.cat([self.backbone(torch.cat(crops[a:b])) for a, b in zip(cuts, cuts[1:])])  # (V*B, D) CLS
@@ -135,7 +153,10 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0
 
 
 def param_groups(model, weight_decay):
-    """No weight decay on biases, norms and tokens (as DeiT, DINO, MoCo v3)."""
+    """AdamW's two groups: weight_decay on every trainable parameter of 2 or more dimensions, 0 on biases and
+    norms (1-D) and on the CLS token and position embedding, DeiT's rule (timm's no_weight_decay). DINO's
+    get_params_groups exempts only biases and norms (it decays the tokens), MoCo v3's AdamW decays everything,
+    and so does SwAV's SGD + LARC. Parameters with requires_grad False are in neither group."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -153,14 +174,15 @@ def save_checkpoint(path, ckpt):
 
 def get_args_parser():
     p = argparse.ArgumentParser("SwAV pretraining of a ViT", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     # shared flags (same names in every method file)
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"])
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
     p.add_argument("--data-dir", default="data", help="dataset root; for 'folder' a tree with train/ and test/")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
-    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS))
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
     p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
     p.add_argument("--img-size", type=int, default=32, help="global crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action="store_true",
@@ -181,11 +203,13 @@ def get_args_parser():
                         "cannot keep fed. Same recipe, other random draws than the default PIL path")
     p.add_argument("--out", default="runs/swav", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on CUDA (fp16 adds a gradient scaler); CPU and MPS run in fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
+                        "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     # SwAV's own. What the small-batch defaults rest on: 10,000-image CIFAR-10 subset, vit_mini/8, batch 256,
     # 2 epochs without small crops, K 1000, prototypes frozen; k-NN top-1 on its test split (random init 28.9):
@@ -212,9 +236,10 @@ def get_args_parser():
     p.add_argument("--small-crop-size", type=int, default=16,
                    help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
                         "grid); a multiple of --patch-size")
-    p.add_argument("--freeze-prototypes-iters", type=int, default=195,
-                   help="the prototypes get no update for this many first iterations: one epoch, 195 at batch "
-                        "256 on CIFAR-10 (reference code: one ImageNet epoch, 313 at 4096, 5005 at 256)")
+    p.add_argument("--freeze-prototypes-epochs", type=int, default=1,
+                   help="the prototypes get no update in this many first epochs, whatever the dataset and batch "
+                        "(reference code: its first epoch, --freeze_prototypes_niters 313 ImageNet steps at batch "
+                        "4096, 5005 at 256); 0: they train from the first step")
     p.add_argument("--queue", type=int, default=3840,
                    metavar="Q", help="Q past features per global crop that join the batch for the codes only; 0: "
                         "off; trimmed to a multiple of --batch-size (reference README: 3840 = 15 x 256 at batch 256)")
@@ -232,7 +257,8 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     device = next(model.parameters()).device
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    precision = eval_linear.resolve_precision(args.precision, device)  # main() resolved it already; tests may not
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     use_amp = device.type == "cuda" and amp_dtype is not None
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
@@ -271,13 +297,13 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 4. swapped prediction: each global crop's code from every other crop's scores
         loss = swav_loss(scores, codes, args.temperature)
 
-        # 5. backward, clip, step; the prototypes stay where they are for the first iterations (the reference
+        # 5. backward, clip, step; the prototypes stay where they are for the first epoch(s) (the reference
         # cancels their gradient: a moving target while the network is random invites collapse); a non-finite
         # loss or gradient stops the run before it reaches a checkpoint
         # (loss, gradient norm and the collapse monitors come back to the CPU together: the step's one sync)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if step < args.freeze_prototypes_iters:
+        if step < args.freeze_prototypes_epochs * len(loader):  # epochs in steps of this loader
             model.prototypes.weight.grad = None  # AdamW skips a parameter without gradient: no decay either
         scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
@@ -343,8 +369,8 @@ def main(argv=None):
         if size % args.patch_size:
             raise SystemExit(f"error: {flag} {size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
+    args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, or another --out")
@@ -411,13 +437,14 @@ def main(argv=None):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("method") != "swav" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
-            raise SystemExit(f"error: {ckpt_path} is not a swav checkpoint of this repo "
-                             f"(method {ckpt.get('method')!r}, keys {sorted(ckpt)})")
+        ckpt = eval_linear.read_checkpoint(ckpt_path)  # one line, not a traceback, if it is truncated
+        is_dict = isinstance(ckpt, dict)
+        if not is_dict or ckpt.get("method") != "swav" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
+            what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
+            raise SystemExit(f"error: {ckpt_path} is not a swav checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
         free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "gpu_aug"}  # --gpu-aug: the same recipe, other random draws
+                "gpu_aug", "precision"}  # --gpu-aug: the same recipe, other random draws; precision: the GPU's
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:
@@ -434,6 +461,9 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            if start_epoch >= args.epochs:
+                print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
+                      f"(a larger --epochs continues it)")
             old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
                 print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is stretched to "
@@ -441,6 +471,13 @@ def main(argv=None):
                       f"{lr_schedule_for(old_epochs)(step):.3g} to {lr_schedule(step):.3g}")
 
     # ---- train ----
+    log_path = os.path.join(args.out, "log.jsonl")
+    if start_epoch == 0:  # the untrained network's k-NN first: the baseline the later lines gain on
+        knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device) if args.knn_every else None
+        if is_main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         if queue_len and epoch >= args.queue_start_epoch and queue is None:  # zeros: empty until it is full
             queue = torch.zeros(2, queue_len // world, args.out_dim, device=device)
@@ -464,12 +501,20 @@ def main(argv=None):
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
             print(json.dumps(log))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:  # after the checkpoint: no line twice
+            with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
+    if is_main:
+        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
+              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
+                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")

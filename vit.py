@@ -24,17 +24,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def sincos_pos_embed(embed_dim, grid_h, grid_w, temperature=10000.0, device=None):
+def sincos_pos_embed(embed_dim, grid_h, grid_w, temperature=10000.0, device=None, field=None):
     """Fixed 2-D sin-cos position embedding with a zero CLS slot: (1, 1 + grid_h * grid_w, D).
 
     A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (x: column, y: row), with the
     frequencies of the original Transformer (1 / 10000^(i / (D/4))): MoCo v3's vits.py / MAE's embedding,
     up to which coordinate fills the first half of the channels.
+    field: (G_h, G_w), the patch grid whose field of view this grid covers, or None: the grid's own (positions
+    0 .. g-1). A grid of g patches over the field of G has its patch centres at (i + 0.5) * G / g - 0.5 in the
+    units of G's patches: fractional positions spanning the whole field, where the bicubic resampling of a
+    learned embedding reads it (align_corners=False: the same centres). For g = G the positions are exactly
+    0 .. G-1, so the native table is the same with or without `field`.
     """
     assert embed_dim % 4 == 0, "the 2-D sin-cos embedding splits the width into 4 equal parts"
     d = embed_dim // 4
-    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32, device=device),
-                          torch.arange(grid_w, dtype=torch.float32, device=device), indexing="ij")
+    field_h, field_w = field or (grid_h, grid_w)
+    rows = (torch.arange(grid_h, dtype=torch.float32, device=device) + 0.5) * (field_h / grid_h) - 0.5  # (grid_h,)
+    cols = (torch.arange(grid_w, dtype=torch.float32, device=device) + 0.5) * (field_w / grid_w) - 0.5  # (grid_w,)
+    y, x = torch.meshgrid(rows, cols, indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float32, device=device) / d)  # (D/4,)
     x = x.flatten()[:, None] * omega                                                  # (N, D/4)
     y = y.flatten()[:, None] * omega                                                  # (N, D/4)
@@ -100,8 +107,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """pos_embed: "sincos" (fixed, recomputed exactly for other grids) or "learned" (trained, resampled
-    bicubically for other grids). Load timm/DeiT weights into pos_embed="learned": their position embedding
+    """pos_embed: "sincos" (fixed, recomputed exactly for other grids, at fractional positions over the same
+    field) or "learned" (trained, resampled bicubically for other grids). Load timm/DeiT weights into pos_embed="learned": their position embedding
     is learned, and a "sincos" model would ignore it for any grid other than the native one."""
 
     def __init__(self, *, img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
@@ -153,9 +160,11 @@ class VisionTransformer(nn.Module):
         """Position embedding for a grid_h x grid_w patch grid (multi-crop, other image sizes): (1, 1+N, D)."""
         if (grid_h, grid_w) == (self.grid, self.grid):
             return self.pos_embed
-        if self.kwargs["pos_embed"] == "sincos":  # recompute exactly for the new grid
-            return sincos_pos_embed(self.embed_dim, grid_h, grid_w, device=self.pos_embed.device).to(
-                self.pos_embed.dtype)
+        if self.kwargs["pos_embed"] == "sincos":
+            # recompute exactly for the new grid over the same field: a small crop is the whole picture at a
+            # lower resolution (as the learned embedding's resampling, DINO's), not the top-left corner of it
+            return sincos_pos_embed(self.embed_dim, grid_h, grid_w, device=self.pos_embed.device,
+                                    field=(self.grid, self.grid)).to(self.pos_embed.dtype)
         # learned: resample the patch part bicubically (antialiased when shrinking), as timm's
         # resample_abs_pos_embed, so multi-crop outputs match timm's dynamic_img_size
         cls_pe, patch_pe = self.pos_embed[:, :1], self.pos_embed[:, 1:]
@@ -220,3 +229,16 @@ def vit_base(**kwargs):
 
 
 ARCHS = {"vit_mini": vit_mini, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def describe_presets(patch_size=4, in_chans=3):
+    """One line per preset for --help: width, depth, heads and trainable parameters of the backbone (the
+    sin-cos position embedding is fixed, so the count does not depend on the image size)."""
+    lines = []
+    for name, p in PRESETS.items():
+        D, L = p["embed_dim"], p["depth"]
+        # a block: 2 LayerNorms (4D) + qkv (3D^2 + 3D) + proj (D^2 + D) + fc1 (4D^2 + 4D) + fc2 (4D^2 + D)
+        n = L * (12 * D * D + 13 * D) + (in_chans * patch_size ** 2 * D + D) + D + 2 * D  # + patch, CLS, norm
+        lines.append(f"{name} (width {D}, {L} blocks, {p['num_heads']} heads, {n / 1e6:.1f}M params at patch "
+                     f"{patch_size})")
+    return "; ".join(lines)

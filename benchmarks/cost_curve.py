@@ -4,7 +4,8 @@ One axis at a time moves away from a base point (--base: image size, patch size,
 --sizes, the patch size over --patches, the batch over --batches. Every (method, point) runs in a fresh
 process: the method file's own train_one_epoch, with the model, optimizer and schedules its main() builds
 (as benchmarks/method_speed.py builds "ours"), on CIFAR-10 batches made before the clock starts (PIL path;
-larger sizes are upsampled crops), --warmup untimed steps, then --steps timed ones. Per point it reports
+larger sizes are upsampled crops; torchvision's CIFAR-10, downloaded into --data-dir when missing, or with
+--dataset folder --data-dir DIR an ImageFolder tree), --warmup untimed steps, then --steps timed ones. Per point:
   img/s   images per second over the timed steps (an image: all of its views, as the training log counts)
   MB      the memory the steps take on top of what is in place at the first step (weights, the batches):
           activations, gradients, the optimizer's state. CUDA: peak allocated bytes; CPU: the peak resident set
@@ -18,6 +19,7 @@ crops at half the size (a quarter of the tokens).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,7 +29,8 @@ from types import SimpleNamespace
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import data  # noqa: E402
 import method_speed  # noqa: E402  (its run_ours builds and times the method file's own step)
 
 METHODS = tuple(method_speed.MODULES)
@@ -44,8 +47,9 @@ def points(base, sizes, patches, batches):
 
 def measure(method, size, patch, batch, a):
     """This process: one run of the method at one point; prints its figures as one JSON line."""
-    run = SimpleNamespace(data_dir=a.data_dir, arch=a.arch, patch_size=patch, img_size=size, batch_size=batch,
-                          workers=a.workers, device=a.device, warmup=a.warmup, steps=a.steps, cached=True)
+    run = SimpleNamespace(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, patch_size=patch, img_size=size,
+                          batch_size=batch, workers=a.workers, device=a.device, warmup=a.warmup, steps=a.steps,
+                          cached=True)
     stats = {}
     rate = method_speed.run_ours(method, run, stats)
     print(json.dumps({"method": method, "size": size, "patch": patch, "batch": batch, "img_s": rate,
@@ -64,8 +68,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--workers", type=int, default=1, help="loader workers making the cached batches")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/datasets/cifar10"),
-                   help="ImageFolder tree with train/ (enough images for (warmup + steps + 1) x the largest batch)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="torchvision's (downloaded into --data-dir when missing) or an ImageFolder tree (folder); "
+                   "default: %(default)s")
+    p.add_argument("--data-dir", default="data", help="where the dataset is, or goes (default: %(default)s); its "
+                   "train split needs (warmup + steps + 1) x the largest batch images")
     p.add_argument("--out", default=None, help="also append every point as a JSON line to this file")
     p.add_argument("--one", nargs=4, default=None, metavar=("METHOD", "SIZE", "PATCH", "BATCH"),
                    help=argparse.SUPPRESS)  # the child process of one point
@@ -80,13 +87,16 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"error: the patch size must divide the image size and SwAV's half-size crops: {bad}")
 
+    data.build_dataset(a.dataset, a.data_dir, "train", download=True)  # once, here: the points' processes read it
+
     rows = {}
     for size, patch, batch in grid:
         for method in methods:
             child = [sys.executable, __file__, "--one", method, str(size), str(patch), str(batch),
                      *[f"--{k}={v}" for k, v in (("arch", a.arch), ("steps", a.steps), ("warmup", a.warmup),
                                                    ("workers", a.workers), ("device", a.device),
-                                                   ("data-dir", a.data_dir))]]
+                                                   ("dataset", a.dataset),
+                                                   ("data-dir", os.path.abspath(a.data_dir)))]]  # cwd: ROOT
             t = time.time()
             r = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
             if r.returncode:

@@ -19,6 +19,10 @@ CPU time from them (on a CPU with few cores the workers' share is what a --cache
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --cached --rounds 5        # the steps alone
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --methods swav --profile   # where the time goes
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --device cuda --arch vit_tiny --batch-size 512
+    /tmp/lightly-venv/bin/python benchmarks/method_speed.py --dataset folder --data-dir <ImageFolder tree>
+
+The images: CIFAR-10 by default (torchvision's copy, downloaded into --data-dir when missing), or any dataset
+of data.build_dataset (--dataset cifar100 | stl10 | folder); both sides read it through data.build_dataset.
 
 lightly is a benchmark-only extra, installed apart (it pulls in pytorch-lightning): never a dependency of
 training, of the tests or of requirements*.txt.
@@ -68,7 +72,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.utils.data import DataLoader, Subset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +174,7 @@ def subset(dataset, n):
 def ours_args(method, a):
     """The method's args as its command line would give them: its defaults, our size, data and loader."""
     return MODULES[method].get_args_parser().parse_args([
-        "--dataset", "folder", "--data-dir", a.data_dir, "--arch", a.arch, "--patch-size", str(a.patch_size),
+        "--dataset", a.dataset, "--data-dir", a.data_dir, "--arch", a.arch, "--patch-size", str(a.patch_size),
         "--img-size", str(a.img_size), *(["--small-crop-size", str(a.img_size // 2)] if method == "swav" else []),
         "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--device", a.device,
         "--precision", "bf16" if a.device.startswith("cuda") else "fp32", "--knn-every", "0"])
@@ -207,7 +210,8 @@ def run_ours(method, a, stats=None):
     module, args = MODULES[method], ours_args(method, a)
     device = torch.device(a.device)
     mean, std = data.MEAN_STD[args.dataset]
-    train_set = data.build_dataset(args.dataset, args.data_dir, "train", ours_transform(method, args, mean, std))
+    train_set = data.build_dataset(args.dataset, args.data_dir, "train", ours_transform(method, args, mean, std),
+                                   download=True)
     n_batches = a.warmup + a.steps + 1
     loader = Clocked(data.build_loader(subset(train_set, n_batches * a.batch_size), args.batch_size,
                                        args.workers, train=True, seed=args.seed), cached=a.cached,
@@ -248,17 +252,19 @@ def timm_backbone(L, args, dynamic):
 
 
 def lightly_transform(method, args, L):
-    """lightly's view transforms with our recipes' parameters (ImageNet normalization, as our 'folder')."""
+    """lightly's view transforms with our recipes' parameters and our normalization of the dataset."""
     T = L.transforms
+    mean, std = data.MEAN_STD[args.dataset]
+    norm = {"mean": list(mean), "std": list(std)}
     if method == "simclr":
         return T.SimCLRTransform(input_size=args.img_size, cj_strength=args.color_strength, min_scale=0.08,
-                                 gaussian_blur=0.0)
+                                 gaussian_blur=0.0, normalize=norm)
     if method in ("moco", "byol"):  # BYOL's asymmetric pair, without blur at 32 px (data.byol_specs)
-        return T.BYOLTransform(T.BYOLView1Transform(input_size=args.img_size, gaussian_blur=0.0),
-                               T.BYOLView2Transform(input_size=args.img_size, gaussian_blur=0.0))
+        return T.BYOLTransform(T.BYOLView1Transform(input_size=args.img_size, gaussian_blur=0.0, normalize=norm),
+                               T.BYOLView2Transform(input_size=args.img_size, gaussian_blur=0.0, normalize=norm))
     return T.SwaVTransform(crop_sizes=(args.img_size, args.small_crop_size), crop_counts=(2, args.num_small_crops),
                            crop_min_scales=(0.14, 0.05), crop_max_scales=(1.0, 0.14),
-                           cj_strength=args.color_strength, gaussian_blur=0.0)
+                           cj_strength=args.color_strength, gaussian_blur=0.0, normalize=norm)
 
 
 class LightlyMethod(nn.Module):
@@ -323,12 +329,14 @@ class LightlyMomentum(LightlyMethod):
 
 
 class LightlySwAV(LightlyMethod):
-    def __init__(self, backbone, args, L, amp):
+    def __init__(self, backbone, args, L, amp, steps_per_epoch):
         super().__init__(backbone, amp)
         D = backbone.embed_dim
         self.head = L.heads.SwaVProjectionHead(D, args.hidden_dim, args.out_dim)
+        # frozen as ours: --freeze-prototypes-epochs in steps (the whole measured epoch, on both sides)
+        frozen_steps = args.freeze_prototypes_epochs * steps_per_epoch
         self.prototypes = L.heads.SwaVPrototypes(args.out_dim, args.num_prototypes,
-                                                 n_steps_frozen_prototypes=args.freeze_prototypes_iters)
+                                                 n_steps_frozen_prototypes=frozen_steps)
         self.criterion = L.loss.SwaVLoss(temperature=args.temperature, sinkhorn_iterations=args.sinkhorn_iterations,
                                          sinkhorn_epsilon=args.epsilon)
 
@@ -360,15 +368,15 @@ def lightly_model(method, args, L, total_steps, amp):
             backbone, H.BYOLProjectionHead(D, args.hidden_dim, args.out_dim),
             H.BYOLPredictionHead(args.out_dim, args.hidden_dim, args.out_dim),
             L.loss.NegativeCosineSimilarity(), args.momentum, total_steps, L, amp)
-    return LightlySwAV(backbone, args, L, amp)
+    return LightlySwAV(backbone, args, L, amp, steps_per_epoch=total_steps // args.epochs)
 
 
 def run_lightly(method, a, L):
     """The lightly-assembled step over warmup + steps + 1 batches of the same images; images per second."""
     args = ours_args(method, a)  # only for the hyperparameters: the same widths, temperatures, momentum
     device = torch.device(a.device)
-    train_set = torchvision.datasets.ImageFolder(os.path.join(a.data_dir, "train"),
-                                                 transform=lightly_transform(method, args, L))
+    # PIL images into lightly's transform, from a folder as from torchvision's CIFAR (as ours get them)
+    train_set = data.build_dataset(a.dataset, a.data_dir, "train", lightly_transform(method, args, L), download=True)
     n_batches = a.warmup + a.steps + 1
     loader = Clocked(DataLoader(subset(train_set, n_batches * a.batch_size), batch_size=a.batch_size, shuffle=True,
                                 num_workers=a.workers, pin_memory=device.type == "cuda", drop_last=True),
@@ -425,8 +433,11 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both sides")
     p.add_argument("--rounds", type=int, default=2, help="runs per side and method, alternating")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/datasets/cifar10"),
-                   help="ImageFolder tree with train/ (its train split is used)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="torchvision's (downloaded into --data-dir when missing) or an ImageFolder tree (folder); "
+                   "default: %(default)s")
+    p.add_argument("--data-dir", default="data",
+                   help="where the dataset is, or goes (its train split is used); default: %(default)s")
     p.add_argument("--cached", action="store_true",
                    help="make each run's batches before timing it: the training step alone, without the data path")
     p.add_argument("--profile", action="store_true", help="one profiled run per side instead of the benchmark")

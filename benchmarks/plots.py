@@ -18,7 +18,6 @@ import shutil
 import sys
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -89,7 +88,7 @@ def curves(study, out):
     for m in methods:
         log = read_log(runs[m]["run_dir"])
         pts = [(r["epoch"], r["knn_top1"]) for r in log if r.get("knn_top1") is not None]
-        if start is not None:
+        if start is not None and not (pts and pts[0][0] == 0):  # a log older than its own epoch-0 line
             pts = [(0, start)] + pts
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=LABELS[m], color=COLOURS.get(m))
@@ -104,6 +103,7 @@ def curves(study, out):
     for i, m in enumerate(methods):
         a = fig.add_subplot(grid[1, i])
         log = read_log(runs[m]["run_dir"])
+        log = [r for r in log if "loss" in r]  # the epoch-0 line has the untrained network's k-NN only
         a.plot([r["epoch"] for r in log], [r["loss"] for r in log], marker="o", ms=3, color=COLOURS.get(m))
         a.set_title(f"{LABELS[m]} loss", fontsize=9)
         a.set_xlabel("epoch", fontsize=8)
@@ -127,37 +127,57 @@ def load(ckpt):
     return backbone, meta["vit_kwargs"]["img_size"], mean_std
 
 
+def attention_maps(backbone, x):
+    """The last block's CLS-to-patch attention of images x (B, 3, S, S), averaged over the heads and renormalized
+    over the N patches, in units of the uniform share 1/N (1 everywhere: a network that looks everywhere alike),
+    each patch's value repeated over its p x p pixels (nearest neighbour: the patches stay patches): (B, S, S)."""
+    attn = backbone.get_last_selfattention(x).mean(1)                                   # (B, N)
+    attn = attn / attn.sum(1, keepdim=True) * attn.shape[1]                              # (B, N), mean 1
+    p = backbone.patch_size
+    g = x.shape[-1] // p
+    return attn.reshape(-1, g, g).repeat_interleave(p, 1).repeat_interleave(p, 2)      # (B, S, S)
+
+
 @torch.no_grad()
 def attention(study, out, n_images=5):
-    """Rows: the image, then every network's last-block CLS-to-patch attention averaged over heads, upsampled
-    to the image (bilinear) and scaled to [0, 1] per image, over the image. As DINO's Fig. 1, on a 4x4 or 8x8
-    grid: coarse, but where a network looks (object, background, everywhere) shows."""
+    """Rows: the image, then every network's last-block CLS-to-patch attention (attention_maps: mean over heads,
+    in units of the uniform share) drawn patch by patch (nearest neighbour, no smoothing: a 4x4 or 8x8 grid shows
+    as such) on one colour scale for the whole figure, with its colour bar. As DINO's Fig. 1, coarse: but where a
+    network looks (object, background, everywhere alike: 1) shows, and how strongly."""
     plt = pyplot()
     nets = networks(study)
     images, classes = pick_test_images(study, n_images)
-    fig, axes = plt.subplots(1 + len(nets), len(images), figsize=(1.3 * len(images), 1.3 * (1 + len(nets))),
-                             dpi=DPI, squeeze=False)
-    for j, (img, label) in enumerate(images):
-        axes[0, j].set_title(classes[label], fontsize=8)
-    for i, (model, ckpt) in enumerate([(None, None)] + nets):
-        if model is not None:
-            backbone, size, mean_std = load(ckpt)
-            x = torch.stack([data.eval_transform(size, *mean_std)(img) for img, _ in images])   # (B, 3, S, S)
-            attn = backbone.get_last_selfattention(x).mean(1)                                  # (B, N)
-            g = size // backbone.patch_size
-            attn = F.interpolate(attn.reshape(-1, 1, g, g), size=(size, size), mode="bilinear")[:, 0]
-            lo, hi = attn.amin((1, 2), keepdim=True), attn.amax((1, 2), keepdim=True)
-            attn = (attn - lo) / (hi - lo + 1e-12)                                             # (B, S, S)
-        for j, (img, _) in enumerate(images):
-            ax = axes[i, j]
-            side = study["cfg"]["img_size"]
-            ax.imshow(img.resize((side, side)))
-            if model is not None:
-                ax.imshow(attn[j].numpy(), cmap="inferno", alpha=0.6)
+    maps = {}
+    for model, ckpt in nets:
+        backbone, size, mean_std = load(ckpt)
+        x = torch.stack([data.eval_transform(size, *mean_std)(img) for img, _ in images])       # (B, 3, S, S)
+        maps[model] = attention_maps(backbone, x)                                              # (B, S, S)
+    # one scale: the colours compare across networks; the top 1% of patches (a network staring at one patch)
+    # saturate rather than darken every other map
+    values = torch.cat([m.flatten() for m in maps.values()]) if maps else torch.ones(1)
+    vmax = max(2.0, float(values.quantile(0.99)))
+    rows, cols = 1 + len(nets), len(images)
+    fig = plt.figure(figsize=(1.3 * cols + 0.6, 1.3 * rows), dpi=DPI)
+    grid = fig.add_gridspec(rows, cols + 1, width_ratios=[1] * cols + [0.08])
+    side = study["cfg"]["img_size"]
+    for i, model in enumerate([None, *maps]):
+        for j, (img, label) in enumerate(images):
+            ax = fig.add_subplot(grid[i, j])
+            if model is None:
+                ax.imshow(img.resize((side, side)), interpolation="nearest")
+                ax.set_title(classes[label], fontsize=8)
+            else:
+                shown = ax.imshow(maps[model][j].numpy(), cmap="inferno", vmin=0.0, vmax=vmax,
+                                  interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[i, 0].set_ylabel("image" if model is None else LABELS[model], fontsize=8)
-    fig.suptitle("last block, CLS attention (mean over heads)", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("image" if model is None else LABELS[model], fontsize=8)
+    if maps:
+        bar = fig.colorbar(shown, cax=fig.add_subplot(grid[1:, -1]), extend="max" if values.max() > vmax else "neither")
+        bar.set_label("attention / uniform share (1/N)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle("last block, CLS attention per patch (mean over heads)", fontsize=9)
     fig.tight_layout()
     save(fig, out)
 

@@ -5,8 +5,8 @@ seed, eval_linear.stratified_split); features are extracted once per model (un-a
 normalization), and every (optimizer, learning rate) pair trains a probe on the first part and is scored on
 the second. The test split is never read. eval_linear.PROBE_LR holds the winners; the README gives the table.
 
-    python benchmarks/probe_lr.py --ckpt runs/simclr_cpu3/checkpoint.pt --random-init \\
-        --dataset folder --data-dir ../shared/datasets/cifar10
+    python benchmarks/probe_lr.py --ckpt runs/simclr_cpu3/checkpoint.pt --random-init    # CIFAR-10, fetched into ./data
+    python benchmarks/probe_lr.py --ckpt runs/simclr_cpu3/checkpoint.pt --dataset folder --data-dir <ImageFolder tree>
 """
 import argparse
 import os
@@ -26,9 +26,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints (this repo's or timm state dicts)")
     p.add_argument("--random-init", action="store_true", help="also the untrained network of the first --ckpt")
-    p.add_argument("--dataset", default="folder", choices=["cifar10", "cifar100", "stl10", "folder"])
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets",
-                                                      "cifar10"))
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="torchvision's (downloaded into --data-dir when missing) or an ImageFolder tree (folder); "
+                   "default: %(default)s")
+    p.add_argument("--data-dir", default="data", help="where the dataset is, or goes (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=100, help="probe epochs (eval_linear's default)")
     p.add_argument("--workers", type=int, default=2)
@@ -46,7 +47,7 @@ def main(argv=None):
     for backbone, meta in models:
         mean_std = meta["mean_std"] or data.MEAN_STD[args.dataset]
         tf = data.eval_transform(meta["vit_kwargs"]["img_size"], *mean_std)
-        train_set = data.build_dataset(args.dataset, args.data_dir, "train", tf)
+        train_set = data.build_dataset(args.dataset, args.data_dir, "train", tf, download=True)
         loader = data.build_loader(train_set, 256, args.workers, train=False)
         feats, labels = eval_linear.extract_features(backbone.to(device), loader, device)
         fit, val = eval_linear.stratified_split(labels.cpu(), args.val_fraction, seed=0)

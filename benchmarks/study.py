@@ -1,8 +1,9 @@
 """The study: which self-supervised pretraining gives a ViT the best features, how well they generalize and
 transfer, against which baselines, at what cost (issue 10). One command runs it:
 
-    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10 copy, 1-1.5 hours on 2 CPU cores;
+    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10, 1-1.5 hours on 2 CPU cores;
                                                        # --docs: the figures also go to docs/ for the README
+    python benchmarks/study.py --dataset folder --data-dir ~/my_cifar10_tree   # an ImageFolder copy instead
     python benchmarks/study.py --protocol gpu          # ViT-Tiny/4, all of CIFAR-10, 100 epochs, one GPU
     python benchmarks/study.py --protocol gpu-quick    # the gpu protocol cut down to minutes (a first look)
     python benchmarks/study.py --protocol gpu --seeds 3      # mean ± std over seeds 0, 1, 2
@@ -17,7 +18,8 @@ then measured with eval_linear's protocols (weighted k-NN k=20 T=0.07; the linea
   - pretraining effect: k-NN and linear probe on CIFAR-10 (all train labels -> top-1 on test);
   - label efficiency: the same probe trained on fixed stratified 1% and 10% of the train labels;
   - unseen classes: each method pretrained again on five classes, k-NN / linear on the other five;
-  - transfer: k-NN / linear on another dataset (tinyimagenet20 by default) at the pretraining resolution;
+  - transfer: k-NN / linear on another dataset (tinyimagenet20 by default: 20 Tiny ImageNet classes, built by
+    benchmarks/tinyimagenet20.py from the public archive when missing) at the pretraining resolution;
   - cost: pretraining wall-clock and images/s on the hardware used.
 The evaluations run in this process with eval_linear's functions, so the features are extracted once per network
 and data (the CLI would extract them again for every probe); each results row records the eval_linear command
@@ -33,8 +35,13 @@ Does a fixed subset seen for several epochs teach as much as one pass over all 5
     python benchmarks/study.py --protocol cpu --methods simclr --no-unseen --subset-per-class 0 --epochs 1 \\
         --knn-every 1 --out runs/study_full1
 
+Data: CIFAR-10 from torchvision by default (downloaded into --data-dir, default data/, when missing), written once
+as an ImageFolder tree of PNGs (the same pixels) so that the subsets can be symlink trees; any ImageFolder tree with
+--dataset folder. Nothing outside the repository and the folders given on the command line is read.
+
 The output folder (--out, default runs/study):
-  data/                     symlinked ImageFolder trees: the pretraining subset, the five seen / five unseen classes
+  data/                     <dataset>/ (a torchvision dataset as PNGs) and symlinked ImageFolder trees: the
+                            pretraining subset, the five seen / five unseen classes
   runs/<method>_s<seed>/    checkpoint.pt + log.jsonl of each pretraining on all classes (the method's own CLI)
   runs/<method>5_s<seed>/   the same, pretrained on the five seen classes only
   runs/random_s<seed>/, runs/supervised_s<seed>/, runs/supervised5_s<seed>/   the baselines, same file format
@@ -56,11 +63,13 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import eval_linear  # noqa: E402
+import tinyimagenet20  # noqa: E402  (benchmarks/, beside this file)
 import vit  # noqa: E402
 
 METHODS = ["simclr", "moco", "byol", "swav"]
@@ -100,17 +109,17 @@ PROTOCOLS = {
 }
 
 
-def method_flags(method, cfg, num_images):
+def method_flags(method, cfg):
     """The flags a method gets beyond the shared ones: what SwAV's file sizes for 100+ epochs of all of CIFAR-10
-    at 32 px, sized to the protocol: the small crops' side, the prototype freezing, the queue."""
+    at 32 px, sized to the protocol: the small crops' side and the queue."""
     if method != "swav":
         return []
     small = max(cfg["patch_size"], cfg["img_size"] // 2 // cfg["patch_size"] * cfg["patch_size"])  # 32 -> 16 px
-    steps_per_epoch = max(1, num_images // cfg["batch_size"])
     long_run = cfg["epochs"] >= 50  # the queue starts at epoch 15 (of the reference's 200): only in long runs
     return ["--small-crop-size", str(small),
-            # the reference freezes the prototypes for its first epoch; the file counts CIFAR-10 epochs at 256
-            "--freeze-prototypes-iters", str(steps_per_epoch),
+            # the reference freezes the prototypes for its first epoch, as the file's default does on any data
+            # (written out so that the study's commands show it)
+            "--freeze-prototypes-epochs", "1",
             *(["--queue", "3840", "--queue-start-epoch", "15"] if long_run else ["--queue", "0"])]
 
 
@@ -119,16 +128,21 @@ def get_args_parser():
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
                    help="settings preset, PROTOCOLS at the top of this file (default: %(default)s)")
     p.add_argument("--out", default="runs/study", help="study folder (default: %(default)s)")
-    p.add_argument("--data-dir", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets", "cifar10")),
-                   help="pretraining data, an ImageFolder tree with train/ and test/ (default: the CIFAR-10 copy)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="pretraining data: a torchvision dataset, fetched into --data-dir when missing and written "
+                        "once as an ImageFolder tree of PNGs under <out>/data (the subsets are made from it), or "
+                        "folder: the ImageFolder tree (train/ and test/) at --data-dir (default: %(default)s)")
+    p.add_argument("--data-dir", default="data",
+                   help="torchvision's download folder, or the folder tree (default: %(default)s)")
     p.add_argument("--transfer-dataset", default="folder", choices=["folder", "cifar10", "cifar100", "stl10"],
-                   help="transfer target (default: folder)")
+                   help="transfer target (default: %(default)s)")
     p.add_argument("--transfer-data-dir", "--transfer-dir", dest="transfer_data_dir",
-                   default=os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets", "tinyimagenet20")),
-                   help="its root (default: tinyimagenet20, 20 Tiny ImageNet classes; e.g. --transfer-dataset "
-                        "cifar100 --transfer-data-dir data)")
+                   default=os.path.join("data", "tinyimagenet20"),
+                   help="its root (default: %(default)s: 20 Tiny ImageNet classes, built by "
+                        "benchmarks/tinyimagenet20.py from the Tiny ImageNet archive when missing, the archive "
+                        "fetched into --data-dir; or e.g. --transfer-dataset cifar100 --transfer-data-dir data)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="let torchvision fetch a cifar10/cifar100/stl10 transfer dataset when missing")
+                   help="fetch missing datasets (torchvision's, the Tiny ImageNet archive) (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all four")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
     p.add_argument("--no-unseen", action="store_true",
@@ -151,7 +165,7 @@ def get_args_parser():
 
 def shown(path):
     """A path as the printed commands give it: relative to the repository root (where they run) when it is in the
-    repository or beside it (../shared/...), else absolute."""
+    repository or in the folder that holds it, else absolute."""
     rel = os.path.relpath(os.path.abspath(path), ROOT)
     return path if rel.startswith(os.path.join("..", "..")) else rel
 
@@ -169,6 +183,30 @@ def ckpt_state(path):
 
 
 # ---- data trees ----
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
+def export_folder(name, root, dst, download, dry_run):
+    """The train and test splits of torchvision's `name` (fetched into `root` when missing and `download`) written
+    once as an ImageFolder tree of lossless PNGs, dst/{train,test}/<class>/<index>.png: the same pixels, which
+    the study's subsets link to and the method files read as --dataset folder. Built into dst.tmp, then renamed."""
+    if os.path.isdir(os.path.join(dst, "train")):
+        return dst
+    print(f"[study] {name} from {root} as an ImageFolder tree of PNGs: {shown(dst)}", flush=True)
+    if dry_run:
+        return dst
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split in ("train", "test"):
+        ds = data.build_dataset(name, root, split, download=download)  # (PIL image, label) pairs
+        for c in ds.classes:
+            os.makedirs(os.path.join(tmp, split, c))
+        for i in tqdm(range(len(ds)), desc=f"{name} {split} -> png", dynamic_ncols=True):
+            img, label = ds[i]
+            img.save(os.path.join(tmp, split, ds.classes[label], f"{i:05d}.png"))
+    os.replace(tmp, dst)
+    return dst
 
 def class_files(root, split):
     d = os.path.join(root, split)
@@ -222,13 +260,25 @@ def make_plan(args):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     out = os.path.abspath(args.out)
-    src = os.path.abspath(args.data_dir)
-    if not os.path.isdir(os.path.join(src, "train")):
-        raise SystemExit(f"--data-dir {args.data_dir}: expected an ImageFolder tree with train/<class>/ and test/")
+    if args.dataset == "folder":
+        src = os.path.abspath(args.data_dir)
+        if not os.path.isdir(os.path.join(src, "train")):
+            raise SystemExit(f"--data-dir {args.data_dir}: expected an ImageFolder tree with train/<class>/ and test/")
+    else:  # the subsets below are symlink trees: the torchvision dataset becomes a folder tree first
+        src = export_folder(args.dataset, args.data_dir, os.path.join(out, "data", args.dataset), args.download,
+                            args.dry_run)
     if args.transfer_dataset == "folder" and not os.path.isdir(args.transfer_data_dir):
-        raise SystemExit(f"--transfer-data-dir {args.transfer_data_dir} does not exist (an ImageFolder tree with "
-                         f"train/ and test/; or --transfer-dataset cifar100)")
-    classes = sorted(class_files(src, "train"))
+        if os.path.basename(os.path.normpath(args.transfer_data_dir)) != "tinyimagenet20":
+            raise SystemExit(f"--transfer-data-dir {args.transfer_data_dir} does not exist (an ImageFolder tree with "
+                             f"train/ and test/; or --transfer-dataset cifar100)")
+        print(f"[study] transfer target: python benchmarks/tinyimagenet20.py --out {args.transfer_data_dir} "
+              f"--archive-dir {args.data_dir}", flush=True)
+        if not args.dry_run:
+            tinyimagenet20.build(args.transfer_data_dir, download=args.download, archive_dir=args.data_dir)
+    if os.path.isdir(os.path.join(src, "train")):
+        classes = sorted(class_files(src, "train"))
+    else:  # a dry run before the export: the class names are not known yet, only how many there are
+        classes = [f"class{i}" for i in range(NUM_CLASSES[args.dataset])]
     seen, unseen = classes[:len(classes) // 2], classes[len(classes) // 2:]   # CIFAR-10: airplane..deer | dog..truck
     n = cfg["subset_per_class"]
     tag = f"{n}pc" if n else "all"
@@ -239,8 +289,10 @@ def make_plan(args):
         # evaluation on the classes pretraining never saw: the same number of labelled images per class
         "unseen": build_tree(os.path.join(out, "data", f"unseen{len(unseen)}_{tag}"), src, unseen, n, args.dry_run),
     }
-    counts = {c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
-    num_images = {"pretrain": sum(counts.values()), "seen": sum(counts[c] for c in seen)}
+    counts = ({c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
+              if os.path.isdir(os.path.join(src, "train")) else {c: None for c in classes})  # (a dry run)
+    num_images = {"pretrain": None if None in counts.values() else sum(counts.values()),
+                  "seen": None if None in counts.values() else sum(counts[c] for c in seen)}
     missing = [m for m in args.methods if not os.path.exists(os.path.join(ROOT, f"{m}.py"))]
     for m in missing:
         print(f"note: {m}.py does not exist (yet): the study runs without it")
@@ -263,7 +315,7 @@ def make_plan(args):
                        "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
                        "--warmup-epochs", str(cfg["warmup_epochs"]), "--workers", str(cfg["workers"]),
                        "--knn-every", str(cfg["knn_every"] if part == "main" else 0), "--seed", str(seed),
-                       *device, *method_flags(m, cfg, num_images[tree]), "--out", shown(run_dir)]
+                       *device, *method_flags(m, cfg), "--out", shown(run_dir)]
                 models.append(dict(name=f"{m}{suffix}_s{seed}", model=m, seed=seed, part=part, cmd=cmd,
                                    data_dir=trees[tree], num_images=num_images[tree]))
     for m in models:
@@ -306,6 +358,7 @@ def log_cost(run_dir):
     monitor; images/s counts images, each with all its views."""
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         lines = [json.loads(s) for s in f if s.strip()]
+    lines = [r for r in lines if r["epoch"] > 0]  # epoch 0: the untrained network's k-NN, no training
     seconds = sum(r["seconds"] for r in lines)
     images = sum(r["img_per_s"] * r["seconds"] for r in lines)
     return seconds, images / max(seconds, 1e-9)

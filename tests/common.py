@@ -24,8 +24,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def read_log(out):
-    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+def read_log(out, epoch0=False):
+    """The training epochs' lines of <out>/log.jsonl; epoch0=True: the untrained network's line first, too."""
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return lines if epoch0 else [line for line in lines if line["epoch"] > 0]
 
 
 class FixedStatsBatchNorm1d(torch.nn.BatchNorm1d):

@@ -16,6 +16,7 @@ import vit
 from common import FixedViews, RecordingSampler, assert_same_first_step, read_log
 
 
+@pytest.mark.ex_byol
 @pytest.mark.parametrize("B,D", [(1, 3), (5, 8), (16, 256)])
 def test_byol_loss_is_the_normalized_mse_of_eq_2(B, D):
     """Catches a loss that is not the mean of || p/|p| - z/|z| ||² (a missing normalization, a sum over the
@@ -26,6 +27,7 @@ def test_byol_loss_is_the_normalized_mse_of_eq_2(B, D):
     assert byol.byol_loss(p, z).item() == pytest.approx(direct, rel=1e-5)
 
 
+@pytest.mark.ex_byol
 def test_byol_loss_range_and_fixed_points():
     """Catches a loss that is not 0 for aligned vectors (whatever their length), 2 for orthogonal and 4 for
     opposite ones."""
@@ -36,15 +38,44 @@ def test_byol_loss_range_and_fixed_points():
 
 
 def test_heads_and_the_stop_gradient():
-    """Catches heads that are not Linear-BN-ReLU-Linear, a target with a predictor, and target projections
-    that carry a gradient (no stop-gradient: the online network could pull the target to itself)."""
+    """Catches heads that are not Linear-BN-ReLU-Linear (the last Linear without a bias, as the reference's
+    MLP), a target with a predictor, and target projections that carry a gradient (no stop-gradient: the
+    online network could pull the target to itself)."""
     model = byol.BYOL(vit.vit_mini(img_size=16, patch_size=8), 64, 32)
     kinds = lambda seq: [type(m).__name__ for m in seq]
     assert kinds(model.projector) == kinds(model.predictor) == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert [tuple(m.weight.shape) for m in model.predictor if isinstance(m, torch.nn.Linear)] == [(64, 32), (32, 64)]
+    assert model.projector[0].bias is not None and model.projector[-1].bias is None and model.predictor[-1].bias is None
     assert not hasattr(model, "target_predictor")
     h, p, z = model(torch.randn(8, 3, 16, 16))
     assert p.requires_grad and not z.requires_grad and p.shape == z.shape == (8, 32)
+
+
+def test_predictions_and_targets_come_from_the_modules_the_paper_names():
+    """Catches targets computed by the online backbone or projector instead of the target network's, a target
+    branch that runs the predictor (§3.1: the predictor is the online network's only), and predictions that skip
+    the predictor or go through a target module. At initialization the target network equals the online one, so
+    a branch built from the wrong modules gives the same numbers: here its weights are made different first,
+    then the model's p and z must equal an explicit forward through exactly Figure 2's modules,
+    p = predictor(projector(backbone(x))) and z = target_projector(target_backbone(x)), each view through the
+    MLPs on its own (per-view BN)."""
+    torch.manual_seed(0)
+    model = byol.BYOL(vit.vit_mini(img_size=16, patch_size=8), 64, 32).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every target weight scaled by its own random factor in [0.5, 1.5)
+        for w in [*model.target_backbone.parameters(), *model.target_projector.parameters()]:
+            w.mul_(torch.rand(w.shape, generator=g) + 0.5)
+    x1, x2 = torch.randn(2, 8, 3, 16, 16, generator=g)
+    h, p, z = model(torch.cat([x1, x2]))
+    with torch.no_grad():
+        h_want = torch.cat([model.backbone(v) for v in (x1, x2)])
+        p_want = torch.cat([model.predictor(model.projector(model.backbone(v))) for v in (x1, x2)])
+        z_want = torch.cat([model.target_projector(model.target_backbone(v)) for v in (x1, x2)])
+        z_online = torch.cat([model.projector(model.backbone(v)) for v in (x1, x2)])
+    torch.testing.assert_close(h.detach(), h_want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p.detach(), p_want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z, z_want, atol=1e-5, rtol=1e-4)
+    assert (z - z_online).abs().max() > 0.1  # the two networks really differ here: the test can tell them apart
 
 
 def fixed_batch_run(schedule_tau, steps=3, lr=1e-3, spy=None):
@@ -65,6 +96,7 @@ def fixed_batch_run(schedule_tau, steps=3, lr=1e-3, spy=None):
     return model, losses
 
 
+@pytest.mark.needs_byol
 def test_each_view_predicts_the_other_views_target_both_ways(monkeypatch):
     """Catches a loss that is not symmetrized (one direction, doubled) and a prediction scored against the
     target projection of its own view instead of the other view's."""
@@ -82,6 +114,7 @@ def test_each_view_predicts_the_other_views_target_both_ways(monkeypatch):
         torch.testing.assert_close(z, z_want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.ex_byol
 def test_train_one_epoch_learns_and_the_target_follows_by_ema():
     """Catches a step that does not train, a target network that gets gradients or the optimizer's update,
     and an EMA with the wrong weight (tau on the online side)."""
@@ -107,6 +140,7 @@ def run_args(data_dir, out, epochs=2, *extra):
             "--workers", "0", "--hidden-dim", "256", "--knn-every", "0", "--device", "cpu", "--out", str(out), *extra]
 
 
+@pytest.mark.needs_byol
 def test_tau_one_freezes_the_target_and_the_schedule_ends_at_one(tiny_data, tmp_path):
     """Catches an EMA that moves the target at tau = 1, and a tau schedule that does not rise from
     --momentum to 1 along the paper's half cosine (§3.2)."""
@@ -123,6 +157,7 @@ def test_tau_one_freezes_the_target_and_the_schedule_ends_at_one(tiny_data, tmp_
     assert paper(0, 4) == pytest.approx(0.9) and paper(4, 4) == pytest.approx(1.0)
 
 
+@pytest.mark.needs_byol
 def test_two_processes_equal_one_process(tiny_data, tmp_path):
     """Catches a loss or gradients that differ when the batch is split over processes (gradients not
     averaged, a loss that mixes processes): one step on the same 200 images, split or not."""
@@ -130,6 +165,8 @@ def test_two_processes_equal_one_process(tiny_data, tmp_path):
     assert_same_first_step("byol", argv, tmp_path)
 
 
+@pytest.mark.needs_knn
+@pytest.mark.needs_byol
 def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, capsys):
     """Catches a checkpoint whose backbone is not the trained online network, that lacks the target network,
     or that eval_linear cannot read."""
@@ -148,6 +185,7 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, cap
     assert "byol" in capsys.readouterr().out
 
 
+@pytest.mark.needs_byol
 def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     """Catches a resume that loses the target network, the optimizer state or the schedules' position; and,
     since the weights must move in epoch 2, a run that does not train."""
@@ -178,6 +216,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatc
         byol.main(run_args(tiny_data, cut, 3, "--resume", "--momentum", "0.9"))
 
 
+@pytest.mark.needs_byol
 def test_every_epoch_has_a_new_order(tiny_data, tmp_path, monkeypatch):
     """Catches a loop that forgets data.set_epoch (every epoch the first one's order and augmentations)."""
     monkeypatch.setattr(data, "DistributedSampler", RecordingSampler)
@@ -186,6 +225,7 @@ def test_every_epoch_has_a_new_order(tiny_data, tmp_path, monkeypatch):
     assert len(RecordingSampler.orders) == 2 and RecordingSampler.orders[0] != RecordingSampler.orders[1]
 
 
+@pytest.mark.needs_byol
 def test_non_finite_values_stop_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
     """Catches a NaN loss or gradient that trains on and reaches the checkpoint."""
     real = byol.byol_loss

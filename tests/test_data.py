@@ -58,6 +58,7 @@ def img():
     return Image.open(next((SAMPLE / "train" / "cat").glob("*.jpg"))).convert("RGB")
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("method, sizes", [("simclr", [32] * 2), ("byol", [32] * 2), ("moco", [32] * 2),
                                            ("swav", [32] * 2 + [16] * 6)])
 def test_method_views(img, method, sizes):
@@ -69,6 +70,7 @@ def test_method_views(img, method, sizes):
     assert not torch.equal(views[0], views[1])  # two random draws
 
 
+@pytest.mark.needs_simclr_aug
 def test_uint8_tensor_input_gives_the_same_views_shapes(img):
     x = v2.functional.pil_to_tensor(img)  # what decode_image returns: uint8 (3, H, W)
     for t in [data.simclr_transform(32, MEAN, STD), *data.byol_transforms(32, MEAN, STD)]:
@@ -89,6 +91,7 @@ def _blurs(t):  # (kernel size, probability) of each GaussianBlur inside a Compo
             for b in r.transforms if isinstance(b, v2.GaussianBlur)]
 
 
+@pytest.mark.needs_simclr_aug
 def test_blur_follows_the_papers():
     t1, t2 = data.byol_transforms(224, MEAN, STD)
     assert _blurs(t1) == [((23, 23), 1.0)] and _blurs(t2) == [((23, 23), 0.1)]  # BYOL Table 6, 23 px at 224
@@ -128,7 +131,7 @@ def test_sample_loads_as_folder():
     test = data.build_dataset("folder", SAMPLE, "test", transform=data.eval_transform(32, MEAN, STD))
     assert train.classes == CIFAR10_CLASSES == test.classes and data.num_classes(train) == 10
     assert [train.targets.count(c) for c in range(10)] == [100] * 10
-    assert [test.targets.count(c) for c in range(10)] == [50] * 10
+    assert [test.targets.count(c) for c in range(10)] == [100] * 10
     x, y = test[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
 
@@ -178,14 +181,16 @@ def test_folder_errors(tmp_path, layout, match):
 
 def test_torchvision_dataset_missing_without_download(tmp_path):
     for name, split in [("cifar10", "train"), ("cifar100", "test"), ("stl10", "train+unlabeled")]:
-        with pytest.raises(data.DataError, match=rf"{name} not found in {tmp_path} and --no-download given"):
+        with pytest.raises(data.DataError, match=rf"{name} not found in {tmp_path} \(--no-download given"):
             data.build_dataset(name, tmp_path, split, download=False)
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("script", ["simclr", "moco", "byol", "swav", "eval_linear"])
 def test_defaults_download_cifar10_and_say_one_line_offline(script, tmp_path, monkeypatch):
     """Catches a fresh machine's `python byol.py --epochs 100` not fetching CIFAR-10 by itself (--download
-    off by default), and a traceback instead of one line when there is no network."""
+    off by default), a traceback instead of one line when there is no network, and the empty data/ and
+    runs/<name> folders such a failed start used to leave behind."""
     urls = []
 
     def offline(request, *args, **kwargs):  # what urllib does without a network, after noting the address
@@ -200,15 +205,18 @@ def test_defaults_download_cifar10_and_say_one_line_offline(script, tmp_path, mo
                                              rf"not known.*without internet") as e:
         module.main(argv)
     assert "\n" not in str(e.value) and any("cifar-10-python.tar.gz" in u for u in urls)
+    # a run that failed before its first epoch leaves neither an empty data folder nor an empty run folder
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists(), sorted(tmp_path.rglob("*"))
     urls.clear()
-    with pytest.raises(data.DataError, match="not found in .* and --no-download given"):
+    with pytest.raises(data.DataError, match=r"not found in .* \(--no-download given"):
         module.main(argv + ["--no-download"])
     assert urls == []
 
 
-def _download_in_process(rank, world, root):
+def _download_in_process(rank, world, root, lost=False):
     """One torchrun process building CIFAR-10 with download=True; torchvision's class replaced by one that
-    notes who downloads and fails to read an archive that is not complete yet."""
+    notes who downloads and fails to read an archive that is not complete yet. lost: the download leaves no
+    archive (a full disk, another machine's folder), and the error each process gave is written down."""
     os.environ.update(LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
 
@@ -219,11 +227,15 @@ def _download_in_process(rank, world, root):
                 with open(Path(data_dir) / "downloads", "a") as f:
                     f.write(f"{rank}\n")
                 time.sleep(1.0)  # a download takes a while
-                archive.write_text("done")
+                if not lost:
+                    archive.write_text("done")
             elif not archive.exists():
                 raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
     torchvision.datasets.CIFAR10 = FakeCIFAR10
-    data.build_dataset("cifar10", root, "train", download=True)
+    try:
+        data.build_dataset("cifar10", root, "train", download=True)
+    except data.DataError as e:
+        (Path(root) / f"error{rank}").write_text(str(e))
     dist.destroy_process_group()
 
 
@@ -234,6 +246,15 @@ def test_under_torchrun_one_process_per_machine_downloads(tmp_path):
     assert (tmp_path / "downloads").read_text() == "0\n"
 
 
+def test_under_torchrun_a_waiting_process_does_not_blame_no_download(tmp_path):
+    """Catches the processes that wait for another's download saying "--no-download given" (a flag nobody
+    passed) when that download left nothing: they name the downloading process instead."""
+    torch.multiprocessing.spawn(_download_in_process, args=(2, str(tmp_path), True), nprocs=2, join=True)
+    message = (tmp_path / "error1").read_text()
+    assert "this run's downloading process left no complete copy" in message and "no-download" not in message
+
+
+@pytest.mark.needs_simclr_aug
 def test_unreadable_image_is_one_line_naming_the_file(tmp_path):
     """Catches a corrupt or truncated file in a folder dataset surfacing as a loader worker's traceback (or
     not naming the file), on both data paths and with or without workers."""
@@ -289,9 +310,11 @@ def test_show_writes_a_grid(tmp_path):
     out = tmp_path / "v.png"
     data.show("swav", out, rows=3)
     w, h = Image.open(out).size
-    assert (w, h) == (4 * (9 * 34 + 2), 4 * (3 * 34 + 2))  # 4x zoom of 9 columns x 3 rows of 32 px + 2 px gaps
+    # 4x zoom of 9 columns x 3 rows of 32 px + 2 px gaps, under the header naming the columns
+    assert (w, h) == (4 * (9 * 34 + 2), 4 * (3 * 34 + 2) + data.SHOW_HEADER)
 
 
+@pytest.mark.needs_simclr_aug
 def test_loader_batches():
     views = data.MultiView(data.simclr_transform(32, MEAN, STD), n=2)
     train = data.build_loader(data.build_dataset("folder", SAMPLE, "train", views), 64, workers=0, train=True)
@@ -304,9 +327,10 @@ def test_loader_batches():
     test = data.build_loader(data.build_dataset("folder", SAMPLE, "test", data.eval_transform(32, MEAN, STD)),
                              64, workers=0, train=False)
     ys = torch.cat([y for _, y in test])
-    assert len(ys) == 500 and torch.equal(ys, ys.sort().values)  # everything, in order
+    assert len(ys) == 1000 and torch.equal(ys, ys.sort().values)  # everything, in order
 
 
+@pytest.mark.needs_simclr_aug
 def test_views_depend_on_seed_epoch_and_image_only():
     """Catches augmentations that change with the number of loader workers (--resume and torchrun would then
     see other views), or that repeat across epochs or seeds."""
@@ -318,7 +342,7 @@ def test_views_depend_on_seed_epoch_and_image_only():
         return torch.cat([x for x, _ in loader])
 
     a = epoch(0)
-    assert a.shape == (500, 3, 32, 32) and torch.equal(a, epoch(2))
+    assert a.shape == (1000, 3, 32, 32) and torch.equal(a, epoch(2))
     assert not torch.equal(a, epoch(0, epoch=1)) and not torch.equal(a, epoch(0, seed=1))
     torch.manual_seed(0)
     before = torch.rand(3)
@@ -334,7 +358,7 @@ def test_distributed_sampler_shards_and_reshuffles(tmp_path):
     one = data.build_loader(ds, 10, workers=0, train=True)  # one process: a DistributedSampler of one replica
     first = list(one.sampler)
     data.set_epoch(one, 1)
-    assert sorted(first) == list(range(500)) and list(one.sampler) != first
+    assert sorted(first) == list(range(1000)) and list(one.sampler) != first
     assert first != list(data.build_loader(ds, 10, workers=0, train=True, seed=1).sampler)
     assert data.build_loader(ds, 10, workers=0, train=False).sampler.__class__.__name__ == "SequentialSampler"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
@@ -453,6 +477,7 @@ def inception_crop_mean_area(scale, ratio=(3 / 4, 4 / 3), n=20000):
     return total / n
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(PAPER))
 def test_crop_and_flip_statistics(name, path):
@@ -466,6 +491,7 @@ def test_crop_and_flip_statistics(name, path):
     assert abs(flips.float().mean().item() - want["flip"]) < 0.05
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(PAPER))
 def test_colour_statistics(name, path):
@@ -493,6 +519,7 @@ def ks_distance(a, b):
                    - torch.searchsorted(b.sort().values, x, right=True) / len(b))).item()
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("name", list(PAPER))
 def test_device_path_draws_what_the_pil_path_draws(name):
     """Catches a device path whose distributions drift from the PIL path's where the paper checks above are loose:
@@ -508,6 +535,7 @@ def test_device_path_draws_what_the_pil_path_draws(name):
         assert abs(a.float().mean() - b.float().mean()) < 0.06, (a.float().mean(), b.float().mean())
 
 
+@pytest.mark.needs_simclr_aug
 def test_show_draws_each_scripts_default_recipe():
     """Catches `data.py --show` (and the study's views figures) drawing another recipe than a training script
     trains on by default: another colour strength, number or size of small crops, or pair."""

@@ -13,7 +13,6 @@ The paper statistics of both paths, side by side, are in test_data.py (test_crop
 test_colour_statistics, test_device_path_draws_what_the_pil_path_draws).
 """
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -25,6 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
+from common import read_log
 
 SAMPLE = data.SAMPLE_DIR
 MEAN, STD = data.MEAN_STD["cifar10"]
@@ -98,6 +98,7 @@ def reference_view(x, spec, u):
     return x
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("spec", [data.simclr_spec(64), *data.byol_specs(64), data.multicrop_specs(64)[0]],
                          ids=["simclr", "byol_1", "byol_2", "swav"])
 def test_views_match_a_slow_loop(spec):
@@ -186,6 +187,7 @@ def test_uniforms_per_image_view_seed_and_epoch():
         assert (other == u).float().mean() < 0.001
 
 
+@pytest.mark.needs_simclr_aug
 def test_identical_images_get_their_own_views():
     """Catches a batch that shares its random draws: one image repeated 256 times must give 256 different
     views, with about as many brightness factors (measured on grey) as images with jitter on."""
@@ -229,6 +231,7 @@ def test_loader_yields_build_loaders_batches(sample_train):
     assert orders[0] != orders[1] and orders[0] != orders[2]  # set_epoch and the seed change the order
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("method, sizes", [("simclr", [32] * 2), ("byol", [32] * 2),
                                            ("swav", [32] * 2 + [16] * 6)])
 def test_loader_views_per_method(sample_train, method, sizes):
@@ -318,7 +321,7 @@ def test_show_device_views(tmp_path):
     """Catches `python data.py --show swav --gpu-aug` failing or drawing another grid than the PIL path's."""
     out = tmp_path / "v.png"
     data.show("swav", out, rows=3, gpu_aug=True)
-    assert Image.open(out).size == (4 * (9 * 34 + 2), 4 * (3 * 34 + 2))
+    assert Image.open(out).size == (4 * (9 * 34 + 2), 4 * (3 * 34 + 2) + data.SHOW_HEADER)
 
 
 # ---- the training scripts' --gpu-aug ----
@@ -332,6 +335,12 @@ GPU_AUG_RUNS = {  # method: (its extra flags, the views it must train on at 16 p
 }
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 @pytest.mark.parametrize("method", sorted(GPU_AUG_RUNS))
 def test_training_scripts_train_on_device_views(method, tiny_data, tmp_path, monkeypatch):
     """Catches a method whose --gpu-aug is ignored (PIL views in loader workers after all), builds another
@@ -354,5 +363,5 @@ def test_training_scripts_train_on_device_views(method, tiny_data, tmp_path, mon
     assert len(batches) == 200 // 64                                   # every step of the epoch, from the device
     views, labels = batches[0]
     assert [v.shape[-1] for v in views] == [s.size for s in want_specs] and labels.shape == (64,)
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    log = read_log(tmp_path)  # the training epochs (the epoch-0 line is the untrained k-NN)
     assert len(log) == 1 and math.isfinite(log[0]["loss"])

@@ -36,6 +36,7 @@ def slow_knn_scores(train, train_labels, test, num_classes, k, temperature):
     return scores
 
 
+@pytest.mark.ex_knn
 @pytest.mark.parametrize("n_train,n_test,dim,classes,k,temperature", [
     (50, 7, 8, 3, 1, 0.07), (50, 7, 8, 3, 5, 0.5), (200, 33, 16, 10, 20, 0.07),
     (120, 5, 4, 4, 10, 1.0), (9, 4, 6, 3, 20, 0.1),  # k > n_train: all train samples vote
@@ -53,6 +54,7 @@ def test_knn_matches_slow_loop(n_train, n_test, dim, classes, k, temperature):
                                fast, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.ex_knn
 def test_knn_hand_computed_weights_beat_the_majority():
     """Catches uniform votes (a majority vote) instead of the exp(s / T) weights."""
     # test point (1, 0); one class-1 neighbour at cos 1, two class-0 neighbours at cos 0.5, one far class-2 point
@@ -67,6 +69,7 @@ def test_knn_hand_computed_weights_beat_the_majority():
     assert eval_linear.knn_classify(train, labels, test, 3, k=3, temperature=100.0).argmax().item() == 0
 
 
+@pytest.mark.ex_knn
 def test_knn_top5_gives_no_credit_to_classes_without_a_vote():
     """Catches a top-5 that counts a class no neighbour voted for (ties among zero scores broken by index)."""
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
@@ -77,6 +80,7 @@ def test_knn_top5_gives_no_credit_to_classes_without_a_vote():
     assert (top1, top5) == (50.0, 50.0)
 
 
+@pytest.mark.needs_knn
 def test_knn_eval_restores_mode_and_separates_clusters():
     """Catches knn_eval leaving the backbone in eval mode, or features that lose the image-label pairing."""
     torch.manual_seed(0)
@@ -165,6 +169,7 @@ def _gather_worker(rank, world, port, x, y, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.needs_knn
 def test_knn_of_two_processes_equals_one():
     """Catches a sharded k-NN monitor that gathers only its own shard, drops or pads images, or makes every
     process extract everything."""
@@ -281,6 +286,7 @@ def colour_folder(root, swap_test=False, n=12):
     return str(root)
 
 
+@pytest.mark.needs_knn
 @pytest.mark.parametrize("swap", [False, True])
 def test_main_scores_the_test_split(tmp_path, swap):
     """Catches k-NN or probe scored on the training features (swapped test colours must score 0, not 100)."""
@@ -294,6 +300,7 @@ def test_main_scores_the_test_split(tmp_path, swap):
         assert (r["knn_top1"], r["linear_top1"], r["num_train"], r["num_test"]) == (expected, expected, 24, 24), r
 
 
+@pytest.mark.needs_knn
 def test_main_val_fraction_never_touches_test(tmp_path):
     """Catches a --val-fraction that still scores the test split, or a split that is not stratified."""
     folder = colour_folder(tmp_path / "colours", swap_test=True)  # test would score 0
@@ -308,6 +315,7 @@ def test_main_val_fraction_never_touches_test(tmp_path):
     assert not torch.equal(val_idx, eval_linear.stratified_split([0] * 12 + [1] * 8, 0.25, seed=1)[1])
 
 
+@pytest.mark.needs_knn
 def test_main_random_init(tmp_path, capsys):
     """Catches a table or results line that misreports what was evaluated, on real images."""
     results = tmp_path / "results.jsonl"
@@ -324,6 +332,7 @@ def test_main_random_init(tmp_path, capsys):
     assert 15 < line["knn_top1"] <= line["knn_top5"] and 15 < line["linear_top1"] <= line["linear_top5"]
 
 
+@pytest.mark.needs_knn
 def test_main_checkpoint_with_finetune(tmp_path, capsys):
     """Catches a fine-tuning learning rate that ignores the batch size its help promises to scale with."""
     kw = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).kwargs
@@ -340,6 +349,7 @@ def test_main_checkpoint_with_finetune(tmp_path, capsys):
     assert lines[0]["finetune"] == {"epochs": 1, "lr": 5e-4 * 128 / 256}
 
 
+@pytest.mark.needs_knn
 def test_main_transfer_uses_the_pretraining_normalization(tmp_path, capsys, monkeypatch):
     """Catches a transfer evaluation that normalizes with the evaluation data's constants instead of the ones
     the backbone was pretrained with (CIFAR-10's here; ImageNet's for timm weights)."""

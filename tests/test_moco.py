@@ -27,6 +27,7 @@ def ctr_slow(q, k, tau, queue=()):
     return total / len(q) * 2 * tau
 
 
+@pytest.mark.ex_moco
 @pytest.mark.parametrize("B,D,tau,K", [(2, 3, 0.2, 0), (5, 8, 0.1, 0), (8, 16, 1.0, 16), (16, 4, 0.2, 32)])
 def test_contrastive_loss_matches_algorithm_1(B, D, tau, K):
     """Catches a wrong positive index, temperature, normalization or 2 tau factor, or a queue left out."""
@@ -37,6 +38,7 @@ def test_contrastive_loss_matches_algorithm_1(B, D, tau, K):
     assert got == pytest.approx(ctr_slow(q, k, tau, [] if queue is None else queue), rel=1e-5)
 
 
+@pytest.mark.ex_moco
 def test_contrastive_loss_at_collapse_and_with_rank_offsets():
     """Catches a loss whose collapse value is not 2 tau ln(G + K), and a rank offset that matches a process's
     queries to another process's keys."""
@@ -63,6 +65,33 @@ def test_heads_follow_the_reference_build_mlp():
     assert model.projector[-1].weight is None and model.predictor[-1].weight is None  # BN without affine
 
 
+def test_queries_and_keys_come_from_the_modules_algorithm_1_names():
+    """Catches keys computed by the online projector or backbone instead of the momentum encoder's, a momentum
+    branch that runs the predictor, and queries that skip the predictor or go through a momentum module. At
+    initialization the momentum encoder equals the base encoder, so a branch built from the wrong modules gives
+    the same numbers: here its weights are made different first, then the model's q and k must equal an
+    explicit forward through exactly Algorithm 1's modules, q = predictor(projector(backbone(x))) and
+    k = momentum_projector(momentum_backbone(x)), each view through the MLPs on its own (per-view BN)."""
+    torch.manual_seed(0)
+    model = moco.MoCo(vit.vit_mini(img_size=16, patch_size=8), 64, 32).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every momentum weight scaled by its own random factor in [0.5, 1.5)
+        for p in [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]:
+            p.mul_(torch.rand(p.shape, generator=g) + 0.5)
+    x1, x2 = torch.randn(2, 8, 3, 16, 16, generator=g)
+    h, q, k = model(torch.cat([x1, x2]))
+    with torch.no_grad():
+        h_want = torch.cat([model.backbone(v) for v in (x1, x2)])
+        q_want = torch.cat([model.predictor(model.projector(model.backbone(v))) for v in (x1, x2)])
+        k_want = torch.cat([model.momentum_projector(model.momentum_backbone(v)) for v in (x1, x2)])
+        k_online = torch.cat([model.projector(model.backbone(v)) for v in (x1, x2)])
+    torch.testing.assert_close(h.detach(), h_want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(q.detach(), q_want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-4)
+    assert not k.requires_grad and q.requires_grad
+    assert (k - k_online).abs().max() > 0.1  # the two encoders really differ here: the test can tell them apart
+
+
 def fixed_batch_run(schedule_m, steps=3, queue_size=0, lr=1e-3, spy=None):
     """train_one_epoch for `steps` epochs of one fixed batch of 32 images; returns model, queue, losses."""
     args = moco.get_args_parser().parse_args(["--device", "cpu", "--epochs", str(steps)])
@@ -82,6 +111,7 @@ def fixed_batch_run(schedule_m, steps=3, queue_size=0, lr=1e-3, spy=None):
     return model, queue, losses
 
 
+@pytest.mark.ex_moco
 def test_train_one_epoch_learns_and_the_momentum_encoder_follows_by_ema():
     """Catches a step that does not train, a momentum encoder that gets gradients or the optimizer's update,
     and an EMA with the wrong weight (m on the online side, or m taken from another step)."""
@@ -101,6 +131,7 @@ def test_train_one_epoch_learns_and_the_momentum_encoder_follows_by_ema():
     assert not any(n.startswith("momentum_") for n, p in model.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.needs_moco
 def test_momentum_one_freezes_the_key_encoder_and_the_schedule_ends_at_one(tiny_data, tmp_path):
     """Catches an EMA that moves the key encoder at m = 1, and a momentum schedule that does not rise from
     --momentum to 1 along the paper's half cosine."""
@@ -117,6 +148,7 @@ def test_momentum_one_freezes_the_key_encoder_and_the_schedule_ends_at_one(tiny_
     assert paper(0, 4) == pytest.approx(0.9) and paper(4, 4) == pytest.approx(1.0)
 
 
+@pytest.mark.needs_moco
 def test_queue_is_a_fifo_that_wraps_around(monkeypatch):
     """Catches keys enqueued out of order, a pointer that does not wrap, the current keys used as their own
     negatives, or keys that are not normalized."""
@@ -146,6 +178,7 @@ def run_args(data_dir, out, epochs=2, *extra):
             "--workers", "0", "--hidden-dim", "256", "--knn-every", "0", "--device", "cpu", "--out", str(out), *extra]
 
 
+@pytest.mark.needs_moco
 def test_two_processes_equal_one_process(tiny_data, tmp_path):
     """Catches keys not gathered from every process, labels not offset by rank, a queue that differs between
     processes, and gradients that are not averaged: one step on the same 200 images, split or not."""
@@ -153,6 +186,8 @@ def test_two_processes_equal_one_process(tiny_data, tmp_path):
     assert_same_first_step("moco", argv, tmp_path)
 
 
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
 def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, capsys):
     """Catches a checkpoint whose backbone is not the trained base encoder, or that eval_linear cannot read."""
     model = moco.main(run_args(tiny_data, tmp_path, 1, "--knn-every", "1", "--queue", "128"))
@@ -170,6 +205,7 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, cap
     assert "moco" in capsys.readouterr().out
 
 
+@pytest.mark.needs_moco
 def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     """Catches a resume that loses the momentum encoder, the queue or its pointer, the optimizer state or the
     schedules' position; and, since the weights must move in epoch 2, a run that does not train."""
@@ -203,6 +239,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatc
         moco.main(run_args(tiny_data, cut, 3, *extra, "--resume", "--momentum", "0.9"))
 
 
+@pytest.mark.needs_moco
 def test_patch_projection_frozen_by_default(tiny_data, tmp_path):
     """Catches the paper's stability fix (a frozen random patch projection) being off by default, or a
     --no-freeze-patch-embed that does not turn it off."""
@@ -212,6 +249,7 @@ def test_patch_projection_frozen_by_default(tiny_data, tmp_path):
     assert all(p.requires_grad for p in model.backbone.patch_embed.parameters())
 
 
+@pytest.mark.needs_moco
 def test_every_epoch_has_a_new_order(tiny_data, tmp_path, monkeypatch):
     """Catches a loop that forgets data.set_epoch (every epoch the first one's order and augmentations)."""
     monkeypatch.setattr(data, "DistributedSampler", RecordingSampler)
@@ -220,6 +258,7 @@ def test_every_epoch_has_a_new_order(tiny_data, tmp_path, monkeypatch):
     assert len(RecordingSampler.orders) == 2 and RecordingSampler.orders[0] != RecordingSampler.orders[1]
 
 
+@pytest.mark.needs_moco
 def test_bad_flags_and_non_finite_values_give_one_line_errors(tiny_data, tmp_path, monkeypatch):
     """Catches a queue larger than the data or not a multiple of the batch (silent misuse), and a NaN loss
     or gradient that trains on and reaches the checkpoint."""

@@ -35,6 +35,7 @@ def nt_xent_slow(z1, z2, tau):
     return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n // 2)) / n
 
 
+@pytest.mark.ex_simclr_loss
 @pytest.mark.parametrize("B,D,tau", [(2, 3, 0.5), (5, 8, 0.1), (8, 16, 1.0), (16, 4, 0.2)])
 def test_nt_xent_matches_algorithm_1(B, D, tau):
     """Catches a wrong self-mask, temperature, normalization or partner index in nt_xent_loss."""
@@ -43,6 +44,7 @@ def test_nt_xent_matches_algorithm_1(B, D, tau):
     assert simclr.nt_xent_loss(z1, z2, tau).item() == pytest.approx(nt_xent_slow(z1, z2, tau), rel=1e-5)
 
 
+@pytest.mark.ex_simclr_loss
 @pytest.mark.parametrize("B,tau", [(4, 0.5), (8, 0.1)])
 def test_nt_xent_known_values(B, tau):
     """Catches a loss that depends on the embeddings' scale or misses ln(2B-1) at collapse."""
@@ -53,6 +55,7 @@ def test_nt_xent_known_values(B, tau):
     assert simclr.nt_xent_loss(c, c, tau).item() == pytest.approx(math.log(2 * B - 1), rel=1e-5)
 
 
+@pytest.mark.ex_simclr_loss
 def test_rank_offset_loss_equals_whole_batch_loss():
     """Catches a rank offset that puts a process's positives or self-mask at another process's images."""
     torch.manual_seed(0)
@@ -70,6 +73,9 @@ def run_args(data_dir, out, epochs=2, *extra):
             "--hidden-dim", "256", "--device", "cpu", "--out", str(out), *extra]
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
 def test_two_processes_equal_one_process(tiny_data, tmp_path):
     """Catches the loss called with rank 0 on every process, a gather without gradient or without the other
     processes' views, and gradients that are not averaged: one step on the same 200 images, split or not."""
@@ -77,6 +83,9 @@ def test_two_processes_equal_one_process(tiny_data, tmp_path):
     assert_same_first_step("simclr", argv, tmp_path)
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
 def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, capsys):
     """Catches a checkpoint whose backbone is not the trained one, or that eval_linear cannot read."""
     model = simclr.main(run_args(tiny_data, tmp_path, 1, "--knn-every", "1", "--img-size", "32"))
@@ -97,6 +106,8 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, cap
         simclr.main(run_args(tiny_data, tmp_path, 1))
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
 def test_train_one_epoch_learns_a_fixed_batch():
     """Catches a step that does not train (no optimizer step, a detached or zero loss, parameters left out
     of the optimizer): on one fixed batch the loss falls epoch after epoch and every trainable weight moves."""
@@ -117,6 +128,8 @@ def test_train_one_epoch_learns_a_fixed_batch():
             assert not torch.equal(p, before[name]), f"{name} did not move"
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
 def test_every_epoch_has_a_new_order_and_new_views(tiny_data, tmp_path, monkeypatch):
     """Catches a loop that forgets data.set_epoch (every epoch the first one's order and augmentations) and
     a shuffle that ignores --seed."""
@@ -141,6 +154,8 @@ def test_every_epoch_has_a_new_order_and_new_views(tiny_data, tmp_path, monkeypa
     assert not torch.equal(views[0], views[1])
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
 def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatch, capsys):
     """Catches a resume that loses the optimizer state, the schedule position or the data stream (the cut run
     also uses another --workers), and, since the weights must move in epoch 2, a run that does not train."""
@@ -180,6 +195,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, monkeypatc
     assert "--epochs 3 instead of 2: the schedule is stretched" in capsys.readouterr().out
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
 def test_fp16_resume_of_a_checkpoint_without_loss_scale(tiny_data, tmp_path, monkeypatch, capsys):
     """Catches the crash 'The source state dict is empty' when an fp16 (scaled) run resumes a checkpoint that
     was written without a loss scale (on CPU, or in bf16)."""
@@ -194,6 +211,8 @@ def test_fp16_resume_of_a_checkpoint_without_loss_scale(tiny_data, tmp_path, mon
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["scaler"]["scale"] > 0
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
 def test_collapse_shows_in_embed_std(tiny_data, tmp_path, monkeypatch):
     """Catches a collapse monitor that measures z (forced to unit variance by the last BN) instead of h."""
     real_forward = simclr.SimCLR.forward
@@ -223,6 +242,7 @@ def test_cosine_schedule_and_param_groups():
     assert not any(n.startswith(("backbone.patch_embed", "backbone.pos_embed")) for n in map(names.get, map(id, trainable)))
 
 
+@pytest.mark.needs_simclr_aug
 def test_bad_flags_give_one_line_errors(tiny_data, tmp_path):
     """Catches tracebacks instead of one-line messages for a bad size, a missing checkpoint or missing data."""
     with pytest.raises(SystemExit, match="--img-size 30 is not a multiple of --patch-size 8"):
@@ -233,6 +253,7 @@ def test_bad_flags_give_one_line_errors(tiny_data, tmp_path):
         simclr.main(run_args(tiny_data, tmp_path, 1) + ["--data-dir", str(tmp_path / "missing")])
 
 
+@pytest.mark.needs_simclr_aug
 def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
     """Catches a NaN loss that trains on and reaches the checkpoint."""
     monkeypatch.setattr(simclr, "nt_xent_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
@@ -241,6 +262,8 @@ def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
 def test_nan_gradient_with_a_finite_loss_stops(tiny_data, tmp_path, monkeypatch):
     """Catches a guard that sees only the loss: a NaN gradient (finite loss) on the epoch's last step would be
     applied and saved."""
@@ -253,6 +276,9 @@ def test_nan_gradient_with_a_finite_loss_stops(tiny_data, tmp_path, monkeypatch)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
 def test_torchrun_two_processes_with_the_knn_monitor(tiny_data, tmp_path):
     """Catches a torchrun launch that fails, or a k-NN monitor that only some processes reach (it deadlocks)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),

@@ -6,22 +6,29 @@ and are small; the dry run writes nothing; a checkpoint of other settings is ref
 a fixed stratified one and the five unseen classes are disjoint from the five seen. Each test names the bug it
 catches."""
 import importlib.util
+import io
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
+from PIL import Image
 
+import data
 import eval_linear
 from common import ROOT, SAMPLE, small_folder
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import study  # noqa: E402
+import tinyimagenet20  # noqa: E402
 
 # One step of batch 64 on the 5 x 13 seen-class images, two on the 10 x 13 of all classes; k-NN monitor every epoch.
-TINY = ["--data-dir", SAMPLE, "--arch", "vit_mini", "--patch-size", "8", "--img-size", "16", "--epochs", "1",
+TINY = ["--dataset", "folder", "--data-dir", SAMPLE, "--arch", "vit_mini", "--patch-size", "8", "--img-size", "16", "--epochs", "1",
         "--batch-size", "64", "--subset-per-class", "13", "--workers", "0", "--knn-every", "1"]
 METHODS = [m for m in study.METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -60,6 +67,13 @@ def table_cells(table):
     return {c[0]: c[1:] for c in ([x.strip() for x in s.strip("|").split("|")] for s in lines)}
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_every_network_has_every_column(done):
     """Catches a method or baseline that drops out of the table, or a column left empty (an evaluation skipped,
     a results row the table does not find)."""
@@ -77,15 +91,22 @@ def test_every_network_has_every_column(done):
     assert all(r["command"].startswith("python eval_linear.py ") for r in evals)
     # 1% of the sample's 100 train images per class: one per class; 10%: ten
     main = [r for r in evals if r["eval"] == "cifar10"]
-    assert {(r["num_0.01"], r["num_0.1"], r["num_train"], r["num_test"]) for r in main} == {(10, 100, 1000, 500)}
+    assert {(r["num_0.01"], r["num_0.1"], r["num_train"], r["num_test"]) for r in main} == {(10, 100, 1000, 1000)}
     unseen = [r for r in evals if r["eval"] == "unseen"]
-    assert {(r["num_classes"], r["num_test"]) for r in unseen} == {(5, 250)} and len(unseen) == 2 + len(METHODS)
+    assert {(r["num_classes"], r["num_test"]) for r in unseen} == {(5, 500)} and len(unseen) == 2 + len(METHODS)
     pre = {r["run"]: r for r in rows if r["kind"] == "pretrain"}
     for m in METHODS:
         assert f"python {m}.py --dataset folder" in pre[f"{m}_s0"]["command"] and pre[f"{m}_s0"]["seconds"] > 0
         assert pre[f"{m}5_s0"]["num_images"] == 65 and pre[f"{m}_s0"]["num_images"] == 130
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_table_states_each_protocol_once(done):
     """Catches a table whose numbers lose the protocol that produced them (data, epochs, probe, subsets)."""
     text = open(os.path.join(done["out"], "table.md")).read()
@@ -102,6 +123,13 @@ def test_table_states_each_protocol_once(done):
         assert text.count(line) == 1, line
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_numbers_are_eval_linears(done):
     """Catches a study whose in-process evaluation drifts from eval_linear's CLI (another normalization, image
     size, k-NN setting or probe seed): the row's recorded command must print the same k-NN and linear top-1.
@@ -120,6 +148,13 @@ def test_numbers_are_eval_linears(done):
         assert (cli["knn_top1"], cli["linear_top1"]) == pytest.approx((r["knn_top1"], r["linear_top1"]), abs=1e-6)
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_figures_exist_and_are_small(done):
     """Catches a figure that is not drawn (a plot crashing on one-epoch logs) or grows past a README-sized PNG."""
     if not HAVE_MATPLOTLIB:
@@ -132,6 +167,13 @@ def test_figures_exist_and_are_small(done):
         assert os.path.getsize(path) < 200_000, name
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_second_invocation_redoes_nothing(done, capsys):
     """Catches a study that retrains or re-evaluates finished runs (a killed hour-long study must not start over)."""
     before, rows = mtimes(done["out"]), read_jsonl(os.path.join(done["out"], "results.jsonl"))
@@ -147,12 +189,26 @@ def test_second_invocation_redoes_nothing(done, capsys):
     assert out.count("in results.jsonl, skipped") == 6 + 3 * len(METHODS)
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_checkpoint_of_other_settings_is_refused(done):
     """Catches a study that skips (or resumes) a run trained with another batch size: a wrong number in the table."""
     with pytest.raises(SystemExit, match="is of another study: batch_size 64 \\(study: 32\\)"):
         study.main([*with_flag(done["argv"], "--batch-size", "32"), "--dry-run"])
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_a_stopped_run_is_resumed(done, capsys):
     """Catches a partial checkpoint that is retrained from scratch (or skipped as if complete) instead of continued
     with the method's --resume, and a table that keeps showing the numbers of the old checkpoint. (The last test to
@@ -168,7 +224,7 @@ def test_a_stopped_run_is_resumed(done, capsys):
     printed = capsys.readouterr().out
     assert "[study] simclr_s0: resuming after epoch 1 of 2" in printed and printed.rstrip().endswith("--resume")
     log = read_jsonl(os.path.join(simclr, "log.jsonl"))
-    assert [r["epoch"] for r in log] == [1, 2] and log[0] == first[0]  # continued, not restarted
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[:2] == first[:2]  # continued, not restarted
     assert torch.load(os.path.join(simclr, "checkpoint.pt"), weights_only=True, mmap=True)["epoch"] == 2
     assert {r: t for r, t in mtimes(out).items() if r != "simclr_s0"} == {r: t for r, t in before.items()
                                                                           if r != "simclr_s0"}
@@ -181,7 +237,7 @@ def test_dry_run_prints_the_protocol_and_writes_nothing(tmp_path, capsys, monkey
     """Catches a protocol dict that does not reach the commands, a dry run with side effects, or a study that
     stops on a method file that does not exist yet (it should run without it, with a note)."""
     out = tmp_path / "dry"
-    dry = ["--protocol", "cpu", "--data-dir", SAMPLE, "--transfer-dir", SAMPLE, "--out", str(out), "--dry-run"]
+    dry = ["--protocol", "cpu", "--dataset", "folder", "--data-dir", SAMPLE, "--transfer-dir", SAMPLE, "--out", str(out), "--dry-run"]
     study.main(dry)
     printed = capsys.readouterr().out
     cpu = study.PROTOCOLS["cpu"]
@@ -229,3 +285,99 @@ def test_mean_and_sample_std_over_seeds():
     """Catches the population std (n) instead of the sample std (n - 1), or a mean over missing values."""
     assert study.mean_std([70.0, 72.0, 74.0]) == "72.0 ± 2.0"
     assert study.mean_std([44.41]) == "44.4" and study.mean_std([]) == "-" and study.mean_std([None, 3.0]) == "3.0"
+
+
+def test_dry_run_with_the_defaults_needs_nothing_but_the_repository(tmp_path):
+    """Catches a default that points outside the repository (a data folder only the developers' machines have):
+    `python benchmarks/study.py --dry-run` in a copy of the repository with nothing beside it must print the
+    whole plan, torchvision's CIFAR-10 and the transfer set's build included, and write nothing."""
+    repo = tmp_path / "alone" / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), repo / name)
+    for name in os.listdir(os.path.join(ROOT, "benchmarks")):
+        if name.endswith((".py", ".txt")):
+            shutil.copy(os.path.join(ROOT, "benchmarks", name), repo / "benchmarks" / name)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    run = subprocess.run([sys.executable, "benchmarks/study.py", "--dry-run"], cwd=repo, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[study] cifar10 from data as an ImageFolder tree of PNGs: runs/study/data/cifar10" in run.stdout
+    assert "python benchmarks/tinyimagenet20.py --out data/tinyimagenet20 --archive-dir data" in run.stdout
+    assert "python simclr.py --dataset folder --data-dir runs/study/data/train_1000pc" in run.stdout
+    assert "shared" not in run.stdout + run.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts) == [
+        p for p in before if "__pycache__" not in p.parts]
+
+
+def test_a_torchvision_dataset_becomes_a_folder_tree_of_the_same_pixels(tmp_path, monkeypatch):
+    """Catches the export of a torchvision dataset (the study's default, CIFAR-10) losing pixels (a lossy format),
+    putting images under the wrong class, or leaving a half-written tree that a rerun would take as complete."""
+    build = data.build_dataset
+
+    def fake_build(name, root, split, transform=None, download=False):  # torchvision's CIFAR-10: PIL images
+        assert (name, transform) == ("cifar10", None)
+        return build("folder", SAMPLE, split, transform=None)
+    monkeypatch.setattr(study.data, "build_dataset", fake_build)
+    dst = str(tmp_path / "cifar10")
+    assert study.export_folder("cifar10", "data", dst, download=True, dry_run=False) == dst
+    assert not os.path.exists(dst + ".tmp")
+    for split in ("train", "test"):
+        src_set = build("folder", SAMPLE, split, transform=data.v2.PILToTensor())
+        out_set = build("folder", dst, split, transform=data.v2.PILToTensor())
+        assert out_set.classes == src_set.classes and len(out_set) == len(src_set)
+        for i in (0, len(src_set) // 2, len(src_set) - 1):  # files are named by index: the same order
+            assert out_set[i][1] == src_set[i][1] and torch.equal(out_set[i][0], src_set[i][0])
+
+    def broken(name, root, split, transform=None, download=False):
+        raise data.DataError("offline")
+    monkeypatch.setattr(study.data, "build_dataset", broken)
+    with pytest.raises(data.DataError):
+        study.export_folder("cifar10", "data", str(tmp_path / "again"), download=True, dry_run=False)
+    assert not os.path.exists(tmp_path / "again")
+
+
+def _fake_tiny_imagenet(path, wrong_label=None):
+    """A zip laid out as tiny-imagenet-200.zip, holding the manifest's files (small real JPEGs) and its label files."""
+    rows = tinyimagenet20.manifest()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "JPEG")
+    ann = []
+    with zipfile.ZipFile(path, "w") as z:
+        for i, (split, wnid, _, name) in enumerate(rows):
+            # the archive's own layout, written out here rather than taken from the builder
+            inside = f"train/{wnid}/images/{name}" if split == "train" else f"val/images/{name}"
+            z.writestr(f"tiny-imagenet-200/{inside}", buf.getvalue() + str(i).encode())  # each file its own bytes
+            if split == "test":
+                ann.append(f"{name}\t{wrong_label if wrong_label and not ann else wnid}\t0\t0\t63\t63")
+        z.writestr("tiny-imagenet-200/val/val_annotations.txt", "\n".join(ann) + "\n")
+        z.writestr("tiny-imagenet-200/words.txt", "".join(f"{w}\tname of {w}\n" for w in {r[1] for r in rows}))
+    return rows
+
+
+def test_tinyimagenet20_is_built_from_the_archive_exactly_as_listed(tmp_path):
+    """Catches a transfer set that is not the listed 3,000 files (a wrong path pattern, a val image under the
+    wrong class, bytes changed on the way), a tree left half-built, and a run without the archive or the
+    network that gives a traceback instead of one line."""
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    rows = _fake_tiny_imagenet(archive)
+    assert len(rows) == 3000 and {r[0] for r in rows} == {"train", "test"}
+    out = tmp_path / "tinyimagenet20"
+    tinyimagenet20.build(str(out), source=str(archive))
+    with zipfile.ZipFile(archive) as z:
+        for split, wnid, rel, name in rows:
+            assert (out / split / wnid / name).read_bytes() == z.read(f"tiny-imagenet-200/{rel}"), rel
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*.JPEG"))
+    assert files == sorted(f"{s}/{w}/{n}" for s, w, _, n in rows)
+    train = data.build_dataset("folder", str(out), "train")
+    assert len(train.classes) == 20 and len(train) == 2000 and len(data.build_dataset("folder", str(out), "test")) == 1000
+    assert (out / "classes.tsv").read_text().splitlines()[0] == f"{train.classes[0]}\tname of {train.classes[0]}"
+
+    _fake_tiny_imagenet(tmp_path / "wrong.zip", wrong_label="n00000000")
+    with pytest.raises(SystemExit, match="its label in val_annotations.txt is n00000000"):
+        tinyimagenet20.build(str(tmp_path / "t2"), source=str(tmp_path / "wrong.zip"))
+    assert not (tmp_path / "t2").exists()
+    with pytest.raises(SystemExit, match="drop --no-download, or give --source") as e:
+        tinyimagenet20.build(str(tmp_path / "t3"), download=False, archive_dir=str(tmp_path / "empty"))
+    assert "\n" not in str(e.value)

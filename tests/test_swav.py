@@ -49,6 +49,7 @@ def random_scores(B, K, D=128, seed=0):
     return z @ c.T                                                                   # (B, K)
 
 
+@pytest.mark.ex_swav_sinkhorn
 @pytest.mark.parametrize("B,K,eps,iters", [(4, 3, 0.05, 3), (8, 5, 0.05, 1), (6, 10, 0.03, 3), (12, 4, 0.1, 5),
                                            (16, 20, 0.02, 3)])
 def test_sinkhorn_matches_algorithm_1(B, K, eps, iters):
@@ -59,6 +60,34 @@ def test_sinkhorn_matches_algorithm_1(B, K, eps, iters):
     torch.testing.assert_close(swav.sinkhorn(scores, eps, iters), expected, rtol=1e-4, atol=1e-7)
 
 
+def clustered_scores(B, K, spread, D=16, seed=0):
+    """Cosines of a batch gathered around prototype 0 (z = c0 + spread * noise, normalized) with K unit
+    prototypes, prototype 1 opposite to prototype 0: every sample scores near 1 with one and near -1 with the
+    other. Early in training and at collapse the batch looks like this."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.nn.functional.normalize(torch.randn(K, D, generator=g), dim=1)
+    c[1] = -c[0]
+    z = torch.nn.functional.normalize(c[0] + spread * torch.randn(B, D, generator=g), dim=1)
+    return z @ c.T                                                                   # (B, K)
+
+
+@pytest.mark.ex_swav_sinkhorn
+@pytest.mark.parametrize("B,K,spread", [(24, 6, 0.05), (16, 8, 0.1)])
+def test_sinkhorn_keeps_its_precision_on_a_clustered_batch(B, K, spread):
+    """Catches a Sinkhorn that exponentiates the raw scores (the reference code's exp(scores / eps)): at epsilon
+    0.02 the batch's entries span e^-50 .. e^50, and after the division by their total the row of the prototype
+    opposite the cluster falls below fp32's smallest number; its codes then differ from the same computation in
+    float64 (the paper's Algorithm 1 on python floats) by up to 1e-2. Subtracting each prototype's largest
+    score first keeps them within 1e-6, and the codes stay finite assignments."""
+    scores = clustered_scores(B, K, spread)
+    assert scores.max() > 0.96 and scores.min() < -0.96
+    expected = torch.tensor(sinkhorn_slow(scores.double().tolist(), 0.02, 3), dtype=torch.float64)
+    q = swav.sinkhorn(scores, 0.02, 3)
+    assert torch.isfinite(q).all() and (q >= 0).all()
+    torch.testing.assert_close(q.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.ex_swav_sinkhorn
 @pytest.mark.parametrize("B,K", [(64, 16), (256, 100), (96, 300)])
 @pytest.mark.parametrize("eps,tol", [(0.05, 0.05), (0.02, 0.5)])  # the paper's epsilon and swav.py's default
 def test_sinkhorn_codes_are_assignments_with_equipartition(B, K, eps, tol):
@@ -88,6 +117,7 @@ def _sinkhorn_in_process(rank, world, port, scores, result):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.ex_swav_sinkhorn
 def test_distributed_sinkhorn_equals_one_process(tmp_path):
     """Catches sums over samples that are not all-reduced (each process would balance only its own half), or
     a sample count that is this process's instead of the global one: the codes of two gloo processes, each
@@ -117,6 +147,7 @@ def swav_loss_slow(scores, codes, tau):
     return total / len(codes)
 
 
+@pytest.mark.ex_swav_loss
 @pytest.mark.parametrize("V,B,K,tau", [(2, 3, 4, 0.1), (4, 5, 6, 0.1), (8, 2, 7, 0.5), (3, 4, 5, 1.0)])
 def test_swav_loss_matches_the_formula(V, B, K, tau):
     """Catches a loss that lets a crop predict its own code, averages over the wrong axis, misses the
@@ -128,6 +159,8 @@ def test_swav_loss_matches_the_formula(V, B, K, tau):
     assert swav.swav_loss(scores, codes, tau).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.ex_swav_loss
+@pytest.mark.needs_swav_sinkhorn
 def test_collapse_costs_ln_k():
     """Catches a loss or Sinkhorn that misses the collapse value the docstring promises: every crop on the same
     point gives uniform codes (equipartition) and a loss of at least ln K, ln K when the prediction is uniform."""
@@ -149,17 +182,19 @@ def run_args(out, epochs=2, *extra, data_dir=SAMPLE):
     return ["--dataset", "folder", "--data-dir", data_dir, "--arch", "vit_mini", "--patch-size", "8",
             "--img-size", "16", "--small-crop-size", "8", "--num-small-crops", "2", "--epochs", str(epochs),
             "--batch-size", "128", "--warmup-epochs", "1", "--workers", "0", "--hidden-dim", "256",
-            "--num-prototypes", "32", "--freeze-prototypes-iters", "2", "--queue", "256", "--queue-start-epoch", "1",
+            "--num-prototypes", "32", "--freeze-prototypes-epochs", "1", "--queue", "256", "--queue-start-epoch", "1",
             "--device", "cpu", "--out", str(out), *extra]
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_two_processes_equal_one_process(tmp_path, tiny_data):
     """Catches Sinkhorn run on each process's half of the batch (no all-reduce), gradients that are not
     averaged, and a queue or a checkpointed queue that breaks under torchrun: one step on the same 200 images
     with multi-crop, split over two gloo processes or not, gives the same loss and every gradient (the
     prototypes' too: not frozen here)."""
     argv = run_args(tmp_path, 1, data_dir=tiny_data)[:-2] + ["--batch-size", "200", "--knn-every", "0",
-                                                        "--freeze-prototypes-iters", "0", "--queue", "400",
+                                                        "--freeze-prototypes-epochs", "0", "--queue", "400",
                                                         "--queue-start-epoch", "0"]
     assert_same_first_step("swav", argv, tmp_path)
     # both saved the queues of all processes: the 2 x 200 global crops' embeddings (in another order) and zeros
@@ -186,6 +221,8 @@ class Spy:
         return out
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_multicrop_batch_reaches_the_loss(tmp_path, monkeypatch, tiny_data):
     """Catches small crops that never reach the loss or the backbone, crops of one size sent through the ViT
     one by one instead of as one batch, codes computed for a small crop, --num-small-crops 0 not turning
@@ -209,42 +246,52 @@ def test_multicrop_batch_reaches_the_loss(tmp_path, monkeypatch, tiny_data):
             torch.testing.assert_close(codes[i], swav.sinkhorn(scores[i], EPSILON, 3))
 
 
-def fixed_loader(n=64, n_small=2):
-    """The shipped sample's first n images with their crops drawn once (16 px + n_small x 8 px): the same batch
-    every epoch."""
+def fixed_loader(n=64, n_small=2, batch_size=None):
+    """The shipped sample's first n images with their crops drawn once (16 px + n_small x 8 px): the same
+    batches every epoch (one batch of all n unless batch_size says otherwise)."""
     torch.manual_seed(0)
     tf = data.multicrop_transform(16, *data.MEAN_STD["folder"], n_global=2, n_local=n_small, local_size=8)
     ds = data.build_dataset("folder", SAMPLE, "train", tf)
     items = [ds[i] for i in range(0, len(ds), len(ds) // n)][:n]
-    return torch.utils.data.DataLoader(items, batch_size=n)
+    return torch.utils.data.DataLoader(items, batch_size=batch_size or n)
 
 
-def test_prototypes_unit_norm_every_step_and_frozen_at_first(monkeypatch):
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
+@pytest.mark.parametrize("batch_size", [8, 4])  # 2 and 4 steps an epoch
+def test_prototypes_unit_norm_every_step_and_frozen_for_the_first_epoch(batch_size):
     """Catches prototypes that are not re-normalized before each forward (the scores would stop being
-    cosines), that move while frozen, or that stay frozen after --freeze-prototypes-iters."""
-    args = swav.get_args_parser().parse_args(["--device", "cpu", "--epochs", "6", "--freeze-prototypes-iters", "3",
-                                              "--queue", "0"])
+    cosines), that move during the first epoch (the reference's freezing, the default), or that stay frozen
+    after it; and a freezing counted in steps rather than in epochs of the loader at hand (a fixed count is one
+    epoch at one batch size only, which is why two batch sizes are checked)."""
+    args = swav.get_args_parser().parse_args(["--device", "cpu", "--epochs", "3", "--queue", "0"])
+    assert args.freeze_prototypes_epochs == 1
     torch.manual_seed(0)
     model = swav.SwAV(vit.vit_mini(img_size=16, patch_size=8), 64, 16, 20)
     seen = []  # the prototypes every forward uses
     model.prototypes.register_forward_pre_hook(lambda m, x: seen.append(m.weight.detach().clone()))
     optimizer = torch.optim.AdamW(swav.param_groups(model, 0.05), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loader = fixed_loader(16)
-    for epoch in range(6):  # one step per epoch
+    loader = fixed_loader(16, batch_size=batch_size)
+    steps = len(loader)
+    assert steps == 16 // batch_size
+    for epoch in range(3):
         swav.train_one_epoch(model, model, loader, optimizer, scaler, lambda step: 1e-3, epoch, args)
+    assert len(seen) == 3 * steps
     for w in seen:
         torch.testing.assert_close(w.norm(dim=1), torch.ones(20))
-    for step in (1, 2):  # frozen for steps 0, 1, 2: the weights of steps 1-3 are those of step 0
+    for step in range(1, steps + 1):  # the first epoch's updates leave them: the weights of steps 1..S are step 0's
         torch.testing.assert_close(seen[step], seen[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(seen[3], seen[0], rtol=0, atol=1e-6)
-    assert (seen[4] - seen[3]).abs().max() > 1e-4 and (seen[5] - seen[4]).abs().max() > 1e-4  # then they train
+    for step in range(steps + 1, 3 * steps):  # from the second epoch's first update on, every step moves them
+        assert (seen[step] - seen[step - 1]).abs().max() > 1e-4, step
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_train_one_epoch_learns_a_fixed_batch():
     """Catches a step that does not train (no optimizer step, a detached or zero loss, parameters left out
     of the optimizer): on one fixed batch the loss falls and every trainable weight moves."""
-    args = swav.get_args_parser().parse_args(["--device", "cpu", "--epochs", "8", "--freeze-prototypes-iters", "2",
+    args = swav.get_args_parser().parse_args(["--device", "cpu", "--epochs", "8", "--freeze-prototypes-epochs", "2",
                                               "--queue", "0"])
     torch.manual_seed(0)
     model = swav.SwAV(vit.vit_mini(img_size=16, patch_size=8), 256, 64, 32)
@@ -261,6 +308,8 @@ def test_train_one_epoch_learns_a_fixed_batch():
             assert not torch.equal(p, before[name]), f"{name} did not move"
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_queue_fills_then_joins_the_codes(tmp_path, monkeypatch, tiny_data):
     """Catches a queue that starts before --queue-start-epoch, is used before it is full (its empty zero rows
     would take a share of the equipartition), is not used once full, holds other features than the latest
@@ -290,6 +339,9 @@ def test_queue_fills_then_joins_the_codes(tmp_path, monkeypatch, tiny_data):
     torch.testing.assert_close(queue, torch.stack([torch.cat([embeddings[9][i], embeddings[8][i]]) for i in range(2)]))
 
 
+@pytest.mark.needs_knn
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, tiny_data):
     """Catches a checkpoint whose backbone is not the trained one, or that eval_linear cannot read, and log lines
     without SwAV's collapse monitors."""
@@ -313,14 +365,15 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, tiny_d
         swav.main(run_args(tmp_path, 1))
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, tiny_data):
     """Catches a resume that loses the queue, the optimizer state, the schedule position (and with it the
     prototypes' freezing) or the data stream (the cut run also uses another --workers): the queue fills in
-    epoch 1 (2 steps of 100 images) and is used from the first step of epoch 2; the prototypes thaw at its
-    second step."""
+    epoch 1 (2 steps of 100 images) and is used from the first step of epoch 2; the prototypes thaw there too."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ("--knn-every", "0", "--batch-size", "100", "--queue", "200", "--queue-start-epoch", "0",
-            "--freeze-prototypes-iters", "3", "--data-dir", tiny_data)
+            "--freeze-prototypes-epochs", "1", "--data-dir", tiny_data)
     swav.main(run_args(full, 2, *args))
 
     real_save = swav.save_checkpoint
@@ -358,6 +411,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
     assert "--epochs 3 instead of 2: the schedule is stretched" in capsys.readouterr().out
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_collapse_shows_in_the_monitors(tmp_path, monkeypatch, tiny_data):
     """Catches collapse monitors that measure z (on the unit sphere by construction) instead of h, or that miss
     one cluster for everything (1 prototype used) and uniform codes (entropy ln K)."""
@@ -374,6 +429,8 @@ def test_collapse_shows_in_the_monitors(tmp_path, monkeypatch, tiny_data):
     assert log["codes_entropy"] == pytest.approx(math.log(32), rel=1e-5) and log["loss"] >= math.log(32) - 1e-5
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_bad_flags_give_one_line_errors(tmp_path, capsys, tiny_data):
     """Catches tracebacks instead of one-line messages for a bad crop size or a missing checkpoint, and a queue
     that is not a multiple of the batch used as it is."""
@@ -390,6 +447,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys, tiny_data):
     assert torch.load(tmp_path / "q" / "checkpoint.pt", weights_only=True)["state"]["queue"].shape == (2, 200, 128)
 
 
+@pytest.mark.needs_swav_sinkhorn
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, tiny_data):
     """Catches a NaN loss that trains on and reaches the checkpoint."""
     monkeypatch.setattr(swav, "swav_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
@@ -398,6 +456,8 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, tiny_data):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_nan_gradient_with_a_finite_loss_stops(tmp_path, monkeypatch, tiny_data):
     """Catches a guard that sees only the loss: a NaN gradient (finite loss) on the epoch's last step would be
     applied and saved."""

@@ -102,12 +102,58 @@ def test_sincos_pos_embed_properties():
     assert pe.shape == (1, 65, 48)
     assert torch.equal(pe[0, 0], torch.zeros(48))                              # CLS slot is zero
     assert torch.unique(pe[0, 1:], dim=0).shape[0] == 64                       # every patch distinct
-    # the embedding of patch (row i, col j) depends only on (i, j): a 4x4 grid is the 8x8 grid's corner
+    # the embedding of patch (row i, col j) depends only on (i, j): a 4x4 grid on its own is the 8x8 grid's corner
     corner = pe[0, 1:].view(8, 8, 48)[:4, :4].reshape(16, 48)
     torch.testing.assert_close(vit.sincos_pos_embed(48, 4, 4)[0, 1:], corner)
     m = small()
-    torch.testing.assert_close(m.interpolate_pos_embed(4, 6), vit.sincos_pos_embed(48, 4, 6))
+    torch.testing.assert_close(m.interpolate_pos_embed(4, 6), vit.sincos_pos_embed(48, 4, 6, field=(8, 8)))
     assert m.interpolate_pos_embed(8, 8) is m.pos_embed
+    # the native table is the same with or without a field, bit for bit (checkpoints store it)
+    assert torch.equal(vit.sincos_pos_embed(48, 8, 8, field=(8, 8)), pe)
+
+
+def sincos_at(positions_y, positions_x, D):
+    """The 2-D sin-cos formula written out at given (row, column) positions: (N, D)."""
+    d = D // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(d, dtype=torch.float64) / d)
+    x, y = positions_x[:, None].double() * omega, positions_y[:, None].double() * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
+
+
+def decoded_positions(pe):
+    """(row, column) of each patch read back from the lowest-frequency channels: (N,), (N,)."""
+    d = pe.shape[1] // 4
+    omega = 1.0 / 10000.0 ** ((d - 1) / d)     # angles up to 8 * 2e-4 here: atan2 inverts them without wrapping
+    return torch.atan2(pe[:, 3 * d - 1], pe[:, 4 * d - 1]) / omega, torch.atan2(pe[:, d - 1], pe[:, 2 * d - 1]) / omega
+
+
+@pytest.mark.parametrize("g", [2, 4])
+def test_small_crop_sincos_positions_span_the_whole_field(g):
+    """Catches a small crop (multi-crop's 2x2 or 4x4 patch grid) whose sin-cos positions are 0 .. g-1, the top-left
+    corner of the global 8x8 grid, instead of the whole field at a lower resolution (a small crop is a whole
+    picture, as the learned embedding's resampling and DINO have it): its patch centres sit at
+    (i + 0.5) * 8 / g - 0.5 in global-grid units, so its mean position is the global grid's centre and its
+    patches tile the same extent; a learned table resampled to g has the same centre."""
+    m = small()                                                            # 32 px, patch 4: an 8x8 grid
+    pe = m.interpolate_pos_embed(g, g)[0]                                  # (1 + g*g, D)
+    assert torch.equal(pe[0], torch.zeros(48))                             # CLS slot still zero
+    centres = (torch.arange(g) + 0.5) * 8 / g - 0.5                        # (g,) in global-grid units
+    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+    torch.testing.assert_close(pe[1:], sincos_at(rows.flatten(), cols.flatten(), 48), atol=1e-6, rtol=1e-5)
+    y, x = decoded_positions(pe[1:])
+    y_full, x_full = decoded_positions(m.pos_embed[0, 1:])
+    for small_crop, full in ((y, y_full), (x, x_full)):
+        assert small_crop.mean().item() == pytest.approx(full.mean().item(), abs=1e-3)     # 3.5: the centre
+        step = 8 / g                                                       # one small patch in global units
+        # the outer edges of the first and last patches: -0.5 and 7.5, the global grid's own edges
+        assert small_crop.min().item() - step / 2 == pytest.approx(full.min().item() - 0.5, abs=1e-3)
+        assert small_crop.max().item() + step / 2 == pytest.approx(full.max().item() + 0.5, abs=1e-3)
+    learned = small(pos_embed="learned")
+    with torch.no_grad():
+        learned.pos_embed.copy_(m.pos_embed)
+    y_learned, x_learned = decoded_positions(learned.interpolate_pos_embed(g, g)[0, 1:].detach())
+    assert x_learned.mean().item() == pytest.approx(x.mean().item(), abs=1e-3)
+    assert y_learned.mean().item() == pytest.approx(y.mean().item(), abs=1e-3)
 
 
 def make_timm(**kw):
