@@ -86,6 +86,10 @@ class BYOL(nn.Module):
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def forward(self, x, num_views=2):                      # (V*B, C, H, W), the views one after the other
+        """x: (V*B, C, H, W), the V = num_views views one after the other. Returns (h, p, z): h (V*B, D) the online
+        backbone's CLS features; p = predictor(projector(h)), each view's B samples through the MLPs on their own
+        (per-view BN); z = target_projector(target_backbone(x)) per view, under torch.no_grad (§3.1's
+        stop-gradient; the target has no predictor). The MLPs run in fp32 with autocast off."""
         h = self.backbone(x)                                # (V*B, D) CLS features, bf16 under autocast
         with torch.no_grad():
             h_t = self.target_backbone(x)                   # (V*B, D)

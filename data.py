@@ -188,9 +188,12 @@ class ViewSpec:
 
 
 def simclr_spec(img_size, strength=0.5):
-    """SimCLR (Chen et al. 2020, arXiv:2002.05709) App. A. strength s: 1.0 on ImageNet, 0.5 on CIFAR-10
-    (App. B.9). Gaussian blur (p 0.5, sigma 0.1-2) is ImageNet-only: App. B.9 drops it on 32 px CIFAR; we
-    keep it for images of 64 px and more (STL-10's 96 px)."""
+    """SimCLR's view (Chen et al. 2020, arXiv:2002.05709, App. A) as a ViewSpec of side img_size, colour strength
+    s = `strength` (1.0 on ImageNet, 0.5 on CIFAR-10, App. B.9): random resized crop of area 8-100% and aspect
+    3/4-4/3, bicubic resize (the reference code's crop_and_resize), horizontal flip p 0.5; colour jitter with
+    p 0.8 of strengths (brightness, contrast, saturation, hue) = (0.8 s, 0.8 s, 0.8 s, 0.2 s) in random order,
+    then grayscale p 0.2; Gaussian blur p 0.5, sigma 0.1-2.0, kernel _blur_kernel(img_size), only from 64 px
+    (App. B.9 drops it on 32 px CIFAR; STL-10's 96 px keeps it); no solarization."""
     s = strength
     return ViewSpec(
         img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),  # area 8-100%, aspect ratio 3/4-4/3

@@ -69,6 +69,9 @@ def contrastive_loss(q, k, temperature, queue=None, rank=0):
     q: (B, D) queries of this process's B images; k: (G, D) keys of the global batch (all processes'
     images, gathered without gradient; G = B in one process), `rank` says where this process's images sit
     among them. queue: (K, D) normalized keys of earlier steps, extra negatives (MoCo v2), or None.
+    Both q and k are L2-normalized here (Algorithm 1's normalize): the logits are cosines / tau. Query b's
+    positive is row rank * B + b of k; the queue's keys are K more negative columns. Returns the mean over the
+    B queries of the cross-entropy, times 2 tau (0-dim, fp32). At collapse: 2 tau ln(G + K).
     """
     B = q.shape[0]
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)

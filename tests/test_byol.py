@@ -37,6 +37,7 @@ def test_byol_loss_range_and_fixed_points():
     assert byol.byol_loss(torch.eye(4)[:2], torch.eye(4)[2:]).item() == pytest.approx(2.0)
 
 
+@pytest.mark.ex_byol
 def test_heads_and_the_stop_gradient():
     """Catches heads that are not Linear-BN-ReLU-Linear (the last Linear without a bias, as the reference's
     MLP), a target with a predictor, and target projections that carry a gradient (no stop-gradient: the
@@ -51,6 +52,7 @@ def test_heads_and_the_stop_gradient():
     assert p.requires_grad and not z.requires_grad and p.shape == z.shape == (8, 32)
 
 
+@pytest.mark.ex_byol
 def test_predictions_and_targets_come_from_the_modules_the_paper_names():
     """Catches targets computed by the online backbone or projector instead of the target network's, a target
     branch that runs the predictor (§3.1: the predictor is the online network's only), and predictions that skip

@@ -99,16 +99,17 @@ def reference_view(x, spec, u):
 
 
 @pytest.mark.needs_simclr_aug
-@pytest.mark.parametrize("spec", [data.simclr_spec(64), *data.byol_specs(64), data.multicrop_specs(64)[0]],
+@pytest.mark.parametrize("make_spec", [lambda: data.simclr_spec(64), lambda: data.byol_specs(64)[0],
+                                       lambda: data.byol_specs(64)[1], lambda: data.multicrop_specs(64)[0]],
                          ids=["simclr", "byol_1", "byol_2", "swav"])
-def test_views_match_a_slow_loop(spec):
+def test_views_match_a_slow_loop(make_spec):
     """Catches per-batch instead of per-image factors, probabilities or sigmas, a fixed or shared order of the
     jitter's ops, ops in another order than the PIL path's, or jitter ranges not torchvision's: every image's
     view against torchvision's functional ops applied to it alone, with its own draws (64 px, so with blur)."""
     B = 48
     torch.manual_seed(0)
     x = torch.rand(B, 3, 64, 64)
-    spec = dataclasses.replace(spec, **NO_CROP)
+    spec = dataclasses.replace(make_spec(), **NO_CROP)
     u = data.uniforms(0, 0, torch.arange(B), view=1)
     y = data.device_view(x, spec, u)
     want = torch.stack([reference_view(x[b], spec, u[b]) for b in range(B)])
@@ -327,11 +328,11 @@ def test_show_device_views(tmp_path):
 # ---- the training scripts' --gpu-aug ----
 
 GPU_AUG_RUNS = {  # method: (its extra flags, the views it must train on at 16 px, small crops of 8 px)
-    "simclr": (["--color-strength", "0.3"], [data.simclr_spec(16, strength=0.3)] * 2),
-    "moco": ([], list(data.byol_specs(16))),
-    "byol": ([], list(data.byol_specs(16))),
+    "simclr": (["--color-strength", "0.3"], lambda: [data.simclr_spec(16, strength=0.3)] * 2),
+    "moco": ([], lambda: list(data.byol_specs(16))),
+    "byol": ([], lambda: list(data.byol_specs(16))),
     "swav": (["--color-strength", "0.3", "--num-small-crops", "2", "--small-crop-size", "8", "--num-prototypes", "32",
-              "--queue", "0"], data.multicrop_specs(16, n_global=2, n_local=2, local_size=8, strength=0.3)),
+              "--queue", "0"], lambda: data.multicrop_specs(16, n_global=2, n_local=2, local_size=8, strength=0.3)),
 }
 
 
@@ -348,7 +349,8 @@ def test_training_scripts_train_on_device_views(method, tiny_data, tmp_path, mon
     their batches from the device loader."""
     import importlib
     module = importlib.import_module(method)
-    extra, want_specs = GPU_AUG_RUNS[method]
+    extra, make_specs = GPU_AUG_RUNS[method]
+    want_specs = make_specs()
     built, batches = [], []
     monkeypatch.setattr(data, "build_device_loader", lambda dataset, specs, *a, real=data.build_device_loader, **k: (
         built.append(list(specs)) or real(dataset, specs, *a, **k)))
