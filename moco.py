@@ -42,7 +42,8 @@ Differences from the paper:
   - Gradient clipping at a total norm of 3.0 (--clip-grad; 0: off); the reference does not clip. 3.0 is
     DINO's --clip_grad, which DINO applies to each parameter's gradient on its own (utils.clip_gradients), so
     the total-norm clip here is the stricter of the two. The loss has the reference's scale (x 2 tau).
-  - bf16 autocast on CUDA (--precision); the reference trains in fp16 with a gradient scaler.
+  - bf16 autocast on a GPU that has it (--precision auto; fp16 with a scaler on one that has not); the
+    reference trains in fp16 with a gradient scaler.
 """
 import argparse
 import copy

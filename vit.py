@@ -108,8 +108,9 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     """pos_embed: "sincos" (fixed, recomputed exactly for other grids, at fractional positions over the same
-    field) or "learned" (trained, resampled bicubically for other grids). Load timm/DeiT weights into pos_embed="learned": their position embedding
-    is learned, and a "sincos" model would ignore it for any grid other than the native one."""
+    field) or "learned" (trained, resampled bicubically for other grids). Load timm/DeiT weights into
+    pos_embed="learned": their position embedding is learned, and a "sincos" model would ignore it for any grid
+    other than the native one."""
 
     def __init__(self, *, img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
                  in_chans=3, pos_embed="sincos", freeze_patch_embed=False):

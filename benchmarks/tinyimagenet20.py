@@ -108,7 +108,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/tinyimagenet20", help="the tree to write (default: %(default)s)")
     p.add_argument("--source", default=None,
-                   help=f"{ARCHIVE} or the folder it unpacks to (default: --archive-dir/{ARCHIVE}, fetched when missing)")
+                   help=f"{ARCHIVE} or the folder it unpacks to "
+                        f"(default: --archive-dir/{ARCHIVE}, fetched when missing)")
     p.add_argument("--archive-dir", default="data", help="where the archive is kept (default: %(default)s)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch the archive when missing (default: %(default)s)")

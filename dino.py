@@ -1,0 +1,535 @@
+r"""DINO: self-distillation with no labels, the self-supervised method made for Vision Transformers.
+
+Paper: Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin, "Emerging Properties in Self-Supervised Vision
+Transformers", ICCV 2021, https://arxiv.org/abs/2104.14294
+
+The method (§3.1, Algorithm 1, Figure 2): every image is cut into 2 global crops and several small ones
+(multi-crop). The student (ViT + a 3-layer MLP head with K outputs) sees every crop; the teacher, the same
+network whose weights are an exponential moving average of the student's (no gradient), sees the 2 global crops
+only. Each student output softmax(s / 0.1) learns to match the teacher's softmax((t - c) / tau_t) of the other
+global crop, by cross-entropy: small crops predict the whole image ("local-to-global"). There are no negatives
+and no clustering: what keeps the outputs apart is the balance of centering (c, an EMA of the teacher's mean
+output, is subtracted: no output dimension may take every image) and sharpening (tau_t of 0.04-0.07 is below the
+student's 0.1: the teacher's output may not be uniform).
+
+Collapse (§5.3, Figure 7): the loss is the teacher's entropy h(P_t) plus KL(P_t || P_s), logged as
+teacher_entropy and kl. Uniform collapse (centering wins: every output uniform over the K dimensions):
+teacher_entropy ln K (8.32 for K = 4096), kl 0 and the loss flat at ln K. One-dimension collapse (sharpening
+wins: one dimension for every image): teacher_entropy and kl 0, loss 0. Both collapses have kl = 0; a run that
+learns keeps kl clearly above 0 and teacher_entropy clearly below ln K. embed_std, the per-dimension std of the
+L2-normalized CLS feature, is 0 at collapse and at most 1/sqrt(D) (0.072 for D = 192).
+
+Run:
+    python dino.py --epochs 100      # one GPU, ViT-Tiny/4 on CIFAR-10 (downloaded into ./data the first time)
+    python dino.py --dataset folder --data-dir tests/data_sample --arch vit_mini --patch-size 8 \
+        --epochs 3 --warmup-epochs 1 --batch-size 128 --out runs/dino_demo   # offline CPU demo
+    torchrun --nproc_per_node=4 dino.py --batch-size 1024 ...    # 4 GPUs; --batch-size is the total
+    python eval_linear.py --ckpt runs/dino/checkpoint.pt          # k-NN + linear probe
+
+Short runs: DINO starts slowly. While the random ViT maps every image to nearly the same feature, the centred
+teacher output is nearly uniform (teacher_entropy near ln K) and there is little to distil. In the README's CPU
+protocol (195 steps) the paper's values leave the loss at ln K and the k-NN below an untrained ViT's; without
+small crops and at a quarter of the lr it is 1.1 points above (measurements: get_args_parser).
+
+Differences from the paper (and from the reference code, main_dino.py):
+  - ViT (CLS token) on 32 px images instead of ViT-S/16 at 224 px; multi-crop 2x32 + 8x16 px instead of 2x224 +
+    8x96 px (the small side rounded to the patch grid). No stochastic depth (the reference student: 0.1).
+  - K = 4096 outputs instead of 65536 (see --out-dim), batch 512 on one GPU instead of 1024 on 16.
+  - Teacher momentum 0.99 instead of 0.996: a CIFAR-10 epoch is 98 steps, not 1251 (see --momentum).
+  - Teacher temperature 0.04 throughout, main_dino.py's default and 100-epoch recipe; the paper's longer runs
+    warm it up from 0.04 to 0.07 over 30 epochs (--teacher-temp 0.07).
+  - The crops: data.multicrop_specs with DINO's areas (global 0.4-1, small 0.05-0.4) and colour strength 0.5:
+    jitter 0.4/0.4/0.4/0.1 instead of 0.4/0.4/0.2/0.1, bilinear instead of bicubic resizing, no solarization of
+    the second global crop, and blur only from 64 px (the reference blurs at p 1.0 / 0.1 / 0.5).
+  - Gradients clipped at 3.0 as one global norm (as the other method files) instead of each parameter's own.
+  - The teacher temperature rises per step rather than per epoch, and the warmups (lr, teacher temperature) of a
+    run too short for them take a quarter of it, as in the other files. No weight decay on the tokens either.
+  - bf16 autocast on a GPU that has it (--precision auto; else fp16 with a scaler) instead of fp16; the head and
+    its logits in fp32.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import eval_linear
+import vit
+
+
+# ---- loss ----
+def dino_loss(student, teacher, center, student_temp, teacher_temp):
+    """The cross-entropy H(P_t, P_s) of Algorithm 1 over every (teacher crop, other crop) pair, as the reference
+    DINOLoss: the mean over the pairs (i, j), i a global crop, j any crop but i itself, of
+    (1/B) sum_b -softmax((t_ib - c) / teacher_temp) . log_softmax(s_jb / student_temp).
+
+    student: (V, B, K) logits of all V crops (the 2 global ones first); teacher: (2, B, K) logits of the 2 global
+    crops (no gradient flows into them: the teacher's output is a target, sg in Algorithm 1); center: (K,) or
+    (1, K). 2 (V - 1) pairs, each weighed alike. At uniform outputs the value is ln K.
+    """
+    V, B = student.shape[0], student.shape[1]
+    log_p = F.log_softmax(student.float() / student_temp, dim=-1)                  # (V, B, K) the student's
+    q = F.softmax((teacher.float() - center) / teacher_temp, dim=-1).detach()      # (2, B, K) centred, sharpened
+    ce = -torch.einsum("ibk,vbk->iv", q, log_p) / B                # (2, V) batch mean of -q . log p per pair
+    others = ~torch.eye(2, V, dtype=torch.bool, device=student.device)  # (2, V) a crop never predicts itself
+    return ce[others].mean()                                        # 2 (V - 1) terms (the reference's n_loss_terms)
+
+
+@torch.no_grad()
+def update_center(center, teacher, momentum, distributed=False):
+    """c <- m c + (1 - m) mean of the teacher's logits (Algorithm 1's last line, Eq. 4), in place.
+
+    center: (K,); teacher: (2, B, K) this process's logits of the 2 global crops. distributed: the mean is over
+    all processes' samples (all-reduced), so every process keeps the same centre, the one of the global batch.
+    """
+    total = teacher.float().sum(dim=(0, 1))                         # (K,) over both crops and the batch
+    count = teacher.shape[0] * teacher.shape[1]
+    if distributed:
+        dist.all_reduce(total)
+        count *= dist.get_world_size()
+    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+
+
+# ---- model ----
+class DINOHead(nn.Module):
+    """The reference DINOHead (vision_transformer.py) as used with ViTs, no BatchNorm:
+    Linear (2048) - GELU - Linear (2048) - GELU - Linear (256), L2-normalized, then a weight-normalized Linear to K
+    without bias whose norm g is fixed at 1 (the reference's weight_norm with weight_g frozen, --norm_last_layer):
+    each of its K rows divided by its own length, so the logits are cosines in [-1, 1]."""
+
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, out_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):  # as the reference's _init_weights (the last layer keeps torch's init)
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)  # v; the layer uses v / |v| per row
+
+    def forward(self, x):                                                  # (N, D)
+        x = F.normalize(self.mlp(x), dim=-1)                               # (N, bottleneck) on the unit sphere
+        return x @ F.normalize(self.last_layer.weight, dim=1).T            # (N, K) g = 1: w = v / |v|
+
+
+class DINO(nn.Module):
+    def __init__(self, backbone, hidden_dim, bottleneck_dim, out_dim):
+        super().__init__()
+        # student g_theta_s: backbone + head, trained by the loss
+        self.backbone = backbone
+        self.head = DINOHead(backbone.embed_dim, hidden_dim, bottleneck_dim, out_dim)
+        # teacher g_theta_t: a copy, trained only by the moving average (the reference starts them equal)
+        self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+
+    def forward(self, crops):                               # V tensors (B, C, H_v, W_v), same sizes consecutive
+        # one backbone call per crop size, as the reference's MultiCropWrapper: a ViT batch needs one sequence
+        # length, and vit.py gives the small crops' grid its position embedding
+        cuts = [0] + [v for v in range(1, len(crops)) if crops[v].shape[-2:] != crops[v - 1].shape[-2:]]
+        cuts.append(len(crops))
+        h = torch.cat([self.backbone(torch.cat(crops[a:b])) for a, b in zip(cuts, cuts[1:])])  # (V*B, D) CLS
+        with torch.no_grad():
+            h_t = self.teacher_backbone(torch.cat(crops[:2]))  # (2B, D): the teacher sees the global crops only
+        with torch.autocast(h.device.type, enabled=False):  # logits in fp32: tau_t = 0.04 magnifies rounding 25x
+            s = self.head(h.float())                        # (V*B, K)
+            with torch.no_grad():
+                t = self.teacher_head(h_t.float())          # (2B, K)
+        return h, s, t
+
+
+# ---- helpers (written out in each method file on purpose: a diff between methods shows the papers' changes) ----
+def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0):
+    """Linear warmup from 0 to base_value, then half a cosine down to final_value."""
+    if step < warmup_steps:
+        return base_value * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def linear_warmup(step, warmup_steps, start_value, final_value):
+    """From start_value to final_value in a straight line over warmup_steps, then final_value (the teacher
+    temperature: main_dino.py's np.linspace, per step here)."""
+    if step < warmup_steps:
+        return start_value + (final_value - start_value) * step / warmup_steps
+    return final_value
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """target <- m * target + (1 - m) * online, every parameter (Algorithm 1: gt.params = l gt.params + (1 - l)
+    gs.params). One multi-tensor lerp (target + (1 - m) (online - target)): a few kernels for all tensors."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms and tokens (as DeiT and DINO). The decayed group comes first: its weight
+    decay follows a schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            skip = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DINO pretraining of a ViT", description=__doc__,
+                                formatter_class=data.HelpFormatter)
+    # shared flags (same names in every method file)
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
+                   help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
+    p.add_argument("--data-dir", default="data", help="dataset root; for 'folder' a tree with train/ and test/")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
+                        "--no-download: stop with an error instead")
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
+    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=int, default=32, help="global crop size (paper: 224)")
+    p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the random patch projection fixed (MoCo v3 §4.2 stability trick)")
+    p.add_argument("--epochs", type=int, default=100, help="paper: 100-800 (ImageNet)")
+    p.add_argument("--batch-size", type=int, default=512, help="total over all processes (paper: 1024)")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="AdamW lr per 256 images; the run uses lr * batch-size / 256, cosine to 1e-6 (paper: the "
+                        "same). In a run of a few hundred steps 1.25e-4 learned more here (see below)")
+    p.add_argument("--weight-decay", type=float, default=0.04,
+                   help="AdamW decoupled decay at the start, raised to --weight-decay-end by a half cosine (paper: "
+                        "0.04)")
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10)")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
+    p.add_argument("--gpu-aug", action="store_true",
+                   help="make the views on the training device, a batch at a time, from a uint8 copy of the training "
+                        "set kept there (data.build_device_loader; no loader workers): for a GPU that PIL workers "
+                        "cannot keep fed. Same recipe, other random draws than the default PIL path")
+    p.add_argument("--out", default="runs/dino", help="folder for checkpoint.pt and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
+                        "(T4, V100); CPU and MPS run in fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
+    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    # DINO's own. What the short-run advice rests on: the 10,000-image CIFAR-10 subset of the README's CPU study,
+    # vit_mini/8, 5 epochs of batch 256 (195 steps), K 4096; k-NN top-1 of the student on the CIFAR-10 test split
+    # with the subset as memory bank (random init 28.6), one seed:
+    #   momentum 0.996, teacher 0.04 -> 0.07, 8 small crops (the paper's values): loss 8.23 in epoch 1 (ln K 8.32),
+    #     teacher_entropy 7.9 and rising (8.1 early in epoch 2), k-NN 26.0 after epoch 1 (stopped in epoch 2)
+    #   momentum 0.99, teacher 0.04, 8 small crops: k-NN 26.9 after epoch 2 (stopped in epoch 3)
+    #   momentum 0.99, teacher 0.04, no small crops: k-NN 28.1 after epoch 2, 28.9 after epoch 5
+    #   momentum 0.99, teacher 0.02, no small crops: teacher_entropy 2.3 in epoch 1, 6.0 in epoch 5; k-NN 26.4
+    #   momentum 0.99, teacher 0.04, no small crops, lr 1.25e-4: k-NN 29.7 (29.9 after epoch 4)
+    #   the same at lr 5e-4 and batch 64 (the same lr per step, 4x the steps, 3 epochs): 29.5 (30.0 after epoch 2)
+    p.add_argument("--momentum", type=float, default=0.99,
+                   help="the teacher's EMA weight at the start, raised to 1 by a half cosine (paper: 0.996 at 1251 "
+                        "steps an epoch; a CIFAR-10 epoch at batch 512 is 98 steps, and a teacher that averages over "
+                        "1/(1-m) = 250 steps lags a short run: 0.99, solo-learn's CIFAR value and byol.py's)")
+    p.add_argument("--hidden-dim", type=int, default=2048, help="head MLP width (paper: 2048)")
+    p.add_argument("--bottleneck-dim", type=int, default=256, help="head bottleneck, L2-normalized (paper: 256)")
+    p.add_argument("--out-dim", type=int, default=4096,
+                   help="K, the head's outputs (paper: 65536 on ImageNet; CIFAR configs use 4096, solo-learn's)")
+    p.add_argument("--teacher-temp", type=float, default=0.04,
+                   help="teacher temperature after the warmup: below the student's, it sharpens (main_dino.py's "
+                        "default and its 100-epoch ViT-S recipe: 0.04; the paper's longer runs: 0.07 after a warmup "
+                        "from 0.04 over 30 epochs; 'above 0.07 is unstable'; lower it if the loss stays at ln K)")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04,
+                   help="teacher temperature at the start (paper: 0.04)")
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30,
+                   help="epochs of the linear teacher-temperature warmup, when --teacher-temp differs from "
+                        "--warmup-teacher-temp (paper: 30)")
+    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature (paper: 0.1)")
+    p.add_argument("--center-momentum", type=float, default=0.9, help="the centre's EMA weight (paper: 0.9)")
+    p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (paper: 0.4)")
+    p.add_argument("--freeze-last-layer", type=int, default=1,
+                   help="epochs at the start in which the head's last layer is not updated (paper: 1)")
+    p.add_argument("--num-small-crops", type=int, default=8,
+                   help="small crops per image besides the 2 global ones (paper: 8); 0: no multi-crop (then the "
+                        "global crops cover 0.14-1 of the image). With 8 px patches a 16 px crop is 2x2 patches: "
+                        "there, 0 learned more here (k-NN 28.1 vs 26.9 after 2 epochs) at less than half the cost")
+    p.add_argument("--small-crop-size", type=int, default=16,
+                   help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
+                        "grid); a multiple of --patch-size")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (paper: 3.0); 0: off")
+    return p
+
+
+def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, wd_schedule, momentum_schedule,
+                    teacher_temp_schedule, epoch, args, center):
+    """One epoch of DINO's Algorithm 1 (and the reference's train_one_epoch), step by step. `model` is the DINO
+    module, `train_model` the same wrapped for the run (DistributedDataParallel, torch.compile) or itself.
+    center: (K,) the teacher's centre, updated in place. Returns the epoch's averages."""
+    device = next(model.parameters()).device
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    precision = eval_linear.resolve_precision(args.precision, device)  # main() resolved it already; tests may not
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    use_amp = device.type == "cuda" and amp_dtype is not None
+    model.train()
+    data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
+    t0, seen, loss_sum, std_sum, entropy_sum = time.time(), 0, 0.0, 0.0, 0.0
+    bar = tqdm(loader, desc=f"dino {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
+    for it, (crops, _) in enumerate(bar):
+        # 1. schedules: learning rate, weight decay (decayed group only), the teacher's EMA weight and temperature
+        step = epoch * len(loader) + it
+        for group in optimizer.param_groups:
+            group["lr"] = lr_schedule(step)
+        optimizer.param_groups[0]["weight_decay"] = wd_schedule(step)
+        m, teacher_temp = momentum_schedule(step), teacher_temp_schedule(step)
+
+        # 2. all crops through the student, the 2 global ones through the teacher
+        crops = [x.to(device, non_blocking=True) for x in crops]                  # V x (B, C, H_v, W_v)
+        B, V = crops[0].shape[0], len(crops)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            h, s, t = train_model(crops)                                          # (V*B, D), (V*B, K), (2B, K)
+        s, t = s.view(V, B, -1), t.view(2, B, -1)                                 # (V, B, K), (2, B, K)
+
+        # 3. every crop's student output against the other global crop's centred, sharpened teacher output; no
+        # negatives, so no gathering across processes: a sample's loss is its own, DDP averages the gradients
+        loss = dino_loss(s, t, center, args.student_temp, teacher_temp)
+        # the collapse monitors (see step 7) with the centre this loss used: the teacher's entropy h(P_t), mean
+        # over the 2B global crops, and KL(P_t || P_s) = H(P_t, P_s) - h(P_t), the loss less that entropy (every
+        # teacher crop is in V - 1 pairs, so the pairs' mean entropy is this mean)
+        q = F.softmax((t.float() - center) / teacher_temp, dim=-1)               # (2, B, K)
+        entropy = -(q * q.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+        # 4. backward, clip, step; the last layer stays where it is in the first epochs (the reference cancels its
+        # gradient: "doing so during the first epoch helps training"); a non-finite loss or gradient stops the run
+        # before it reaches a checkpoint (loss, gradient norm and monitors come back to the CPU together: the
+        # step's one sync)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if epoch < args.freeze_last_layer:
+            model.head.last_layer.weight.grad = None  # AdamW skips a parameter without gradient: no decay either
+        scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
+        embed_std = F.normalize(h[:2 * B].detach().float(), dim=1).std(dim=0).mean()  # global crops' CLS
+        loss_value, grad_value, std_value, entropy_value = torch.stack(
+            [loss.detach(), grad_norm.float(), embed_std, entropy]).tolist()
+        # (an fp16 gradient scaler skips overflowing steps itself: there an inf gradient is routine)
+        for name, value in (("loss", loss_value), ("gradient norm", None if scaler.is_enabled() else grad_value)):
+            if value is not None and not math.isfinite(value):
+                raise SystemExit(f"error: {name} is {value} at epoch {epoch + 1}, step {step}; stopping before "
+                                 f"it reaches a checkpoint (try a lower --lr, or --precision fp32)")
+        scaler.step(optimizer)
+        scaler.update()
+
+        # 5. the teacher follows the student: theta_t <- l theta_t + (1 - l) theta_s
+        ema_update(model.teacher_backbone, model.backbone, m)
+        ema_update(model.teacher_head, model.head, m)
+
+        # 6. the centre follows the teacher's mean output over the global batch, after the loss that used it
+        update_center(center, t, args.center_momentum, distributed)
+
+        # 7. log: loss and the collapse monitors (uniform collapse: entropy ln K, kl 0; one dimension: both 0)
+        seen += B * world
+        loss_sum += loss_value
+        std_sum += std_value
+        entropy_sum += entropy_value
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        ent=f"{entropy_value:.2f}", kl=f"{loss_value - entropy_value:.3f}",
+                        img_s=f"{seen / (time.time() - t0):.0f}")
+
+    means = torch.tensor([loss_sum, std_sum, entropy_sum], device=device) / len(loader)
+    if distributed:  # each process saw its share of the global batch: average over processes
+        dist.all_reduce(means)
+        means /= world
+    seconds = time.time() - t0
+    loss_mean, std_mean, entropy_mean = means.tolist()
+    return {"loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
+            "weight_decay": optimizer.param_groups[0]["weight_decay"], "momentum": m, "teacher_temp": teacher_temp,
+            "embed_std": std_mean, "teacher_entropy": entropy_mean, "kl": loss_mean - entropy_mean,
+            "img_per_s": seen / seconds, "seconds": seconds}
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+
+    # ---- setup: processes, device, precision ----
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun with several processes
+    if distributed:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if args.device not in (None, "cuda", "cpu"):
+            raise SystemExit(f"error: under torchrun --device is cuda or cpu (one GPU per process), not {args.device}")
+        if torch.cuda.is_available() and args.device != "cpu":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        rank, world = 0, 1
+        device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    for flag, size in (("--img-size", args.img_size), ("--small-crop-size", args.small_crop_size)):
+        if size % args.patch_size:
+            raise SystemExit(f"error: {flag} {size} is not a multiple of --patch-size {args.patch_size}")
+    is_main = rank == 0
+    args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise SystemExit(f"error: {ckpt_path} exists: pass --resume to continue that run, or another --out")
+    if is_main:
+        print(json.dumps(vars(args)))
+    torch.manual_seed(args.seed)  # the model's init; the data seeds itself from --seed (data.build_loader)
+
+    # ---- data ----
+    mean, std = data.MEAN_STD[args.dataset]
+    train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
+    # multi-crop with DINO's crop areas (main_dino.py: global 0.4-1, small 0.05-0.4; SwAV's are 0.14-1, 0.05-0.14;
+    # without small crops the global ones cover 0.14-1, the reference README's advice) and its colour jitter as
+    # near as multicrop_specs has it (strength 0.5: 0.4/0.4/0.4/0.1 instead of 0.4/0.4/0.2/0.1)
+    global_scale = (0.4 if args.num_small_crops else 0.14, 1.0)
+    specs = data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
+                                 local_size=args.small_crop_size, global_scale=global_scale, local_scale=(0.05, 0.4),
+                                 strength=0.5)
+    train_tf = None if args.gpu_aug else data.pil_views(specs, mean, std)  # the PIL path, in loader workers
+    train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
+    if args.gpu_aug:  # the same recipe, made on the device a batch at a time
+        loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
+                                          seed=args.seed)
+    else:
+        loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
+    if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
+        eval_tf = data.eval_transform(args.img_size, mean, std)
+        knn_train = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "train", eval_tf),
+                                      256, args.workers, train=False)
+        knn_test = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "test", eval_tf),
+                                     256, args.workers, train=False)
+
+    # ---- model ----
+    backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
+                                    freeze_patch_embed=args.freeze_patch_embed)
+    model = DINO(backbone, args.hidden_dim, args.bottleneck_dim, args.out_dim).to(device)
+    ddp_model = model
+    if distributed:  # no BatchNorm anywhere (ViT, BN-free head): nothing to convert to SyncBatchNorm
+        device_ids = None if device.index is None else [device.index]
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = torch.compile(ddp_model) if args.compile else ddp_model
+    center = torch.zeros(args.out_dim, device=device)  # c, the same on every process (update_center all-reduces)
+
+    # ---- optimizer and schedules ----
+    lr = args.lr * args.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as the paper
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
+
+    def schedules_for(epochs):
+        total_steps, warmup_steps = epochs * len(loader), args.warmup_epochs * len(loader)
+        if warmup_steps > total_steps // 2:  # a short run (a demo, a test) would otherwise barely leave warmup
+            warmup_steps = total_steps // 4
+        temp_steps = args.warmup_teacher_temp_epochs * len(loader)
+        if temp_steps > total_steps // 2:  # the same for the teacher temperature's warmup
+            temp_steps = total_steps // 4
+        return (lambda step: cosine_schedule(step, total_steps, warmup_steps, lr, 1e-6),  # main_dino.py's --min_lr
+                lambda step: cosine_schedule(step, total_steps, 0, args.weight_decay, args.weight_decay_end),
+                lambda step: cosine_schedule(step, total_steps, 0, args.momentum, 1.0),  # EMA weight: to 1
+                lambda step: linear_warmup(step, temp_steps, args.warmup_teacher_temp, args.teacher_temp))
+
+    lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule = schedules_for(args.epochs)
+    if args.warmup_epochs * 2 > args.epochs and is_main:
+        print(f"note: --warmup-epochs {args.warmup_epochs} is more than half of {args.epochs} epochs: "
+              f"warming up for a quarter of the run instead")
+    temp_warmup = args.warmup_teacher_temp != args.teacher_temp  # equal temperatures: no warmup to shorten
+    if args.warmup_teacher_temp_epochs * 2 > args.epochs and temp_warmup and is_main:
+        print(f"note: --warmup-teacher-temp-epochs {args.warmup_teacher_temp_epochs} is more than half of "
+              f"{args.epochs} epochs: the teacher temperature warms up for a quarter of the run instead")
+
+    # ---- resume ----
+    start_epoch = 0
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
+        ckpt = eval_linear.read_checkpoint(ckpt_path)  # one line, not a traceback, if it is truncated
+        is_dict = isinstance(ckpt, dict)
+        if not is_dict or ckpt.get("method") != "dino" or not {"args", "model", "optimizer", "state"} <= set(ckpt):
+            what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
+            raise SystemExit(f"error: {ckpt_path} is not a dino checkpoint of this repo ({what})")
+        # the run's recipe must be the same; what may change: length, machine, logging
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
+                "gpu_aug", "precision"}  # --gpu-aug: the same recipe, other random draws
+        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+                   if k not in free and ckpt["args"].get(k) != v}
+        if changed:
+            diff = ", ".join(f"--{k.replace('_', '-')} {old} (now {new})" for k, (old, new) in changed.items())
+            raise SystemExit(f"error: --resume with other settings than {ckpt_path} was trained with: {diff}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["state"]["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["state"]["scaler"])
+        elif scaler.is_enabled() and is_main:  # written on CPU or in bf16/fp32: there was no loss scale to save
+            print("note: the checkpoint holds no fp16 loss scale (it was written without one): starting afresh")
+        center.copy_(ckpt["state"]["center"])
+        start_epoch = ckpt["epoch"]
+        if is_main:
+            print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            if start_epoch >= args.epochs:
+                print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
+                      f"(a larger --epochs continues it)")
+            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
+            if old_epochs != args.epochs:  # the cosines now end at the new length: lr and tau jump, not bit-exact
+                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedules are stretched to "
+                      f"{args.epochs} epochs; the lr of step {step} goes from "
+                      f"{schedules_for(old_epochs)[0](step):.3g} to {lr_schedule(step):.3g}")
+
+    # ---- train ----
+    log_path = os.path.join(args.out, "log.jsonl")
+    if start_epoch == 0:  # the untrained network's k-NN first: the baseline the later lines gain on
+        knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device) if args.knn_every else None
+        if is_main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, wd_schedule,
+                                momentum_schedule, teacher_temp_schedule, epoch, args, center)
+        knn = None
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device)  # every process takes part
+        if is_main:
+            # no RNG state: the views are seeded by (seed, epoch, image), the order by (seed, epoch). "backbone" is
+            # the student's, the network that trained (as the other methods' online network); the teacher's is in
+            # "model" (teacher_backbone.*): the paper evaluates it, but in a short run it lags the student
+            save_checkpoint(ckpt_path, {
+                "method": "dino", "epoch": epoch + 1, "args": vars(args), "vit_kwargs": backbone.kwargs,
+                "backbone": backbone.state_dict(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "state": {"step": (epoch + 1) * len(loader), "scaler": scaler.state_dict(), "center": center.cpu()},
+            })
+            log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
+            print(json.dumps(log))
+            with open(log_path, "a") as f:  # after the checkpoint: no line twice
+                f.write(json.dumps(log) + "\n")
+    if is_main:
+        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
+              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
+    if distributed:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
+                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")
