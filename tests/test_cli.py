@@ -136,7 +136,10 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(tiny_data, tmp_path):
     the checkpoint holds the last finished epoch and how to continue."""
     out = tmp_path / "run"
     cmd = [sys.executable, "simclr.py", *method_argv("simclr", tiny_data, out, epochs=1000, knn_every=0)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job (CI may be one) starts with it ignored,
+    # and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
