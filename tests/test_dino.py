@@ -318,6 +318,7 @@ def test_monitors_are_the_teachers_entropy_and_the_kl(spied_run):
                                                           rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.needs_dino
 def test_multicrop_recipe_reaches_student_and_teacher(spied_run, tmp_path, monkeypatch, tiny_data, capsys):
     """Catches SwAV's crop areas instead of DINO's (global 0.4-1, small 0.05-0.4), small crops that never reach the
     loss, and --num-small-crops 0 not turning multi-crop off or keeping the narrow global crops (the reference
