@@ -275,10 +275,10 @@ def make_plan(args):
               f"--archive-dir {args.data_dir}", flush=True)
         if not args.dry_run:
             tinyimagenet20.build(args.transfer_data_dir, download=args.download, archive_dir=args.data_dir)
-    if os.path.isdir(os.path.join(src, "train")):
-        classes = sorted(class_files(src, "train"))
-    else:  # a dry run before the export: the class names are not known yet, only how many there are
-        classes = [f"class{i}" for i in range(NUM_CLASSES[args.dataset])]
+    have_tree = os.path.isdir(os.path.join(src, "train"))  # not yet in a dry run before the export
+    # without the tree the class names are not known yet, only how many there are
+    classes = (sorted(class_files(src, "train")) if have_tree
+               else [f"class{i}" for i in range(NUM_CLASSES[args.dataset])])
     seen, unseen = classes[:len(classes) // 2], classes[len(classes) // 2:]   # CIFAR-10: airplane..deer | dog..truck
     n = cfg["subset_per_class"]
     tag = f"{n}pc" if n else "all"
@@ -289,10 +289,10 @@ def make_plan(args):
         # evaluation on the classes pretraining never saw: the same number of labelled images per class
         "unseen": build_tree(os.path.join(out, "data", f"unseen{len(unseen)}_{tag}"), src, unseen, n, args.dry_run),
     }
-    counts = ({c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
-              if os.path.isdir(os.path.join(src, "train")) else {c: None for c in classes})  # (a dry run)
-    num_images = {"pretrain": None if None in counts.values() else sum(counts.values()),
-                  "seen": None if None in counts.values() else sum(counts[c] for c in seen)}
+    num_images = {"pretrain": None, "seen": None}  # (unknown in a dry run before the export)
+    if have_tree:
+        counts = {c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
+        num_images = {"pretrain": sum(counts.values()), "seen": sum(counts[c] for c in seen)}
     missing = [m for m in args.methods if not os.path.exists(os.path.join(ROOT, f"{m}.py"))]
     for m in missing:
         print(f"note: {m}.py does not exist (yet): the study runs without it")
