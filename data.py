@@ -5,19 +5,27 @@
   Every dataset has `.classes` (names in label order); `num_classes(ds)` is `len(ds.classes)`. torchvision's
   are fetched when missing (download=True; under torchrun by one process per machine); a folder's file that
   PIL cannot decode stops the loaders with one line naming it (`read_image`, `UnreadableImage`).
-- One recipe per paper, written once as data (`ViewSpec`s: `simclr_spec`, `byol_specs`, `multicrop_specs`),
+- One recipe per paper, written once as data (`ViewSpec`s: `simclr_spec`, `byol_specs`, `multicrop_specs`,
+  `dino_specs`),
   literal values in the paper's order, each naming its table or section. Each recipe is built into two paths:
+  * batched (`device_view`): every view of a whole batch at once, each image with its own random draws, made
+    on the training device (a GPU, or the CPU) from the training set decoded once into one uint8 tensor;
   * PIL (`pil_transform`; `simclr_transform`, `byol_transforms`, `multicrop_transform`): a transform maps a
-    PIL image to a normalized float tensor (3, H, W); `MultiView` turns transforms into the list of views a
-    method trains on, which the default collate stacks into a list of (B, 3, H, W);
-  * batched on the device (--gpu-aug; `device_view`): every view of a whole batch at once, each image with
-    its own random draws, from a uint8 copy of the training set kept on the device.
+    PIL image to a normalized float tensor (3, H, W), in loader workers; `MultiView` turns transforms into the
+    list of views a method trains on, which the default collate stacks into a list of (B, 3, H, W).
+- `build_train_loader(dataset, specs, ..., aug)`: every training script's loader, by its --aug: "batched"
+  (`build_device_loader`), "pil" (`build_loader`), or "auto" (the default: batched where the decoded set fits
+  BATCHED_BUDGET, 2 GB, and its images have one size; PIL workers for larger sets such as ImageNet). It prints
+  which path a run takes and why. A folder's images are decoded on --workers threads, once: `decode_all` keeps
+  them in `.decoded-<split>.pt` beside the split folder for the next run, and decodes again when a file changes.
 - `build_loader(dataset, batch_size, workers, train, seed)`: per-image augmentation seeds, the shuffle
   (a DistributedSampler, one replica in one process), drop_last; `set_epoch(loader, epoch)` every epoch.
   `build_device_loader(dataset, specs, mean, std, batch_size, device, seed)` yields the same batches of the
-  same images, with the views made on `device` (a GPU, or the CPU).
+  same images, with the views made on `device`.
 
-Without --gpu-aug images are augmented as PIL images: at CIFAR's 32 px the PIL kernels beat the same
+Why batched is the default: on the 2-core CPU of the README's benchmarks it trains every method faster end to end
+than PIL loader workers (`python benchmarks/aug_paths.py`), and on a GPU PIL workers cannot keep up at CIFAR sizes.
+On the PIL path images are augmented as PIL images: at CIFAR's 32 px the PIL kernels beat the same
 torchvision.transforms.v2 ops on uint8 tensors (which spend their time in per-op overhead, hue above all) by
 about 1.2x on one core; `python benchmarks/augment_speed.py` measures it, and the batched path against both.
 v2 dispatches on the input type, so feeding these same transforms a uint8 tensor (torchvision.io.decode_image)
@@ -26,13 +34,16 @@ runs the tensor kernels instead.
 Look at what a method trains on (rows: images; columns: the original, then the views):
     python data.py --show simclr --out views.png
     python data.py --show swav --out views.png --dataset cifar10 --data-dir data   # CIFAR-10, fetched into ./data
-    python data.py --show byol --out views.png --gpu-aug      # the batched device path's views
+    python data.py --show byol --out views.png --aug pil      # the PIL path's views (default: the batched path's)
 """
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,6 +53,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shipped CIFAR-10 sample, 1000/500
 
@@ -171,7 +183,7 @@ def _blur_kernel(size):
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
     """One view's augmentation recipe, written once per paper below and built into both pipelines: the PIL one
-    (`pil_transform`, per image in loader workers) and the batched one on the device (`device_view`, --gpu-aug).
+    (`pil_transform`, per image in loader workers) and the batched one on the device (`device_view`, --aug).
     The ops run in this order, each on an image with its probability (an op of probability 0 is left out)."""
     size: int                             # output side
     scale: tuple = (0.08, 1.0)            # random resized crop: area, a fraction of the image's
@@ -242,6 +254,20 @@ def multicrop_specs(img_size, n_global=2, n_local=6, local_size=None, global_sca
             blur_p=0.5 if size >= 64 else 0.0, blur_kernel=_blur_kernel(size), blur_sigma=(0.1, 2.0),
         )
     return [crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local
+
+
+def dino_specs(img_size, n_local=8, local_size=None, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """DINO (Caron et al. 2021, arXiv:2104.14294) App. / main_dino.py's DataAugmentationDINO: BYOL's asymmetric
+    pair as the two global crops (blur p 1.0 / 0.1, solarization p 0 / 0.2; bicubic, flip, jitter (0.4, 0.4,
+    0.2, 0.1) p 0.8, grayscale p 0.2), of area global_scale (0.4-1) instead of 0.08-1, then n_local small
+    crops at local_size (default img_size // 2) of area local_scale (0.05-0.4), each with blur p 0.5 and the
+    same flip, jitter and grayscale. The paper's 2x224 + 8x96 is dino_specs(224, local_size=96). Blur only from
+    64 px, as in every recipe here."""
+    local_size = local_size or img_size // 2
+    global1, global2 = (dataclasses.replace(v, scale=global_scale) for v in byol_specs(img_size))
+    small = dataclasses.replace(global1, size=local_size, scale=local_scale, blur_p=0.5 if local_size >= 64 else 0.0,
+                                blur_kernel=_blur_kernel(local_size))
+    return [global1, global2] + [small] * n_local
 
 
 def pil_transform(spec, mean, std):
@@ -380,15 +406,14 @@ class _Loader(DataLoader):
 def set_epoch(loader, epoch):
     """Advance a training loader of build_loader or build_device_loader to `epoch`: the sampler's shuffle and
     the per-image augmentation seeds (without it every epoch repeats the first). A no-op on other loaders."""
-    if isinstance(loader, DeviceLoader):
-        loader.sampler.set_epoch(epoch)
-        loader.epoch = epoch
+    if hasattr(loader, "set_epoch"):  # a DeviceLoader (or a wrapper of one)
+        loader.set_epoch(epoch)
     elif isinstance(loader.dataset, SeededViews):
         loader.sampler.set_epoch(epoch)
         loader.dataset.epoch = epoch
 
 
-# ---- the batched path on the device (--gpu-aug) ----
+# ---- the batched path on the device (--aug batched, the default where the training set fits) ----
 #
 # The training set sits on the device as one uint8 (N, 3, H, W) tensor (CIFAR-10: 150 MB), decoded once, and
 # each batch's views are made there by batched ops, every image with its own random draws: the way airbench
@@ -593,6 +618,10 @@ class DeviceLoader:
     def __len__(self):
         return len(self.sampler) // self.batch_size  # drop_last
 
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        self.epoch = epoch
+
     def __iter__(self):
         order = torch.tensor(list(self.sampler), device=self.images.device)
         for i in range(len(self)):
@@ -601,46 +630,176 @@ class DeviceLoader:
                                self.epoch), self.labels[idx]
 
 
-def _decode_all(dataset):
-    """A dataset of build_dataset, without its transform: uint8 (N, 3, H, W) and labels (N,), on the CPU."""
-    if isinstance(dataset, torchvision.datasets.CIFAR10):  # and CIFAR-100: (N, 32, 32, 3) uint8 in memory
-        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
-    if isinstance(dataset, torchvision.datasets.STL10):  # (N, 3, 96, 96) uint8 in memory; unlabeled: -1
-        return torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels).long()
-    # an ImageFolder: every file through its loader (PIL, converted to RGB), as the PIL path reads it
-    images = []
-    for path, _ in dataset.samples:
+class MixedSizes(DataError):
+    """A training set whose images are not all one size: the batched path keeps them as one tensor."""
+
+
+def _base(dataset):
+    """(the dataset under any torch.utils.data.Subset wrappers, the indices into it, or None for all)."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [dataset.indices[i] for i in (range(len(dataset)) if indices is None else indices)]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def decoded_bytes(dataset):
+    """The size of a training set as one uint8 (N, 3, H, W) tensor, without decoding it: torchvision's arrays
+    are in memory already; an ImageFolder's is estimated from its first image's header."""
+    base, indices = _base(dataset)
+    n = len(dataset)
+    if isinstance(base, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
+        return base.data[:1].nbytes * n
+    try:
+        with Image.open(base.samples[0 if indices is None else indices[0]][0]) as img:
+            w, h = img.size
+    except (OSError, SyntaxError, ValueError):
+        return 0  # an unreadable first image: decoding names it
+    return 3 * h * w * n
+
+
+def _files_key(samples, classes):
+    """What a decode cache was made from: every file's path, size and modification time, and the classes."""
+    h = hashlib.sha1(repr(classes).encode())
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _decode_files(samples, loader, workers, show):
+    """uint8 (N, 3, H, W) of the files, read by `loader` (PIL, converted to RGB) on `workers` threads (PIL's
+    decoders let go of the GIL), with a progress bar; MixedSizes if they are not all one size."""
+    def read(path):
         try:
-            images.append(v2.functional.pil_to_tensor(dataset.loader(path)))            # (3, H, W) uint8
+            return v2.functional.pil_to_tensor(loader(path))                              # (3, H, W) uint8
         except UnreadableImage as e:
             raise _unreadable(e) from None
-        if images[-1].shape != images[0].shape:
-            (h, w), (h0, w0) = images[-1].shape[1:], images[0].shape[1:]
-            raise DataError(f"--gpu-aug keeps the training set as one tensor of equal-sized images, but {path} is "
-                            f"{w}x{h} and {dataset.samples[0][0]} {w0}x{h0}: drop --gpu-aug (or resize the images "
-                            f"to one size)")
-    return torch.stack(images), torch.tensor(dataset.targets)
+    first = read(samples[0][0])
+    images = torch.empty((len(samples), *first.shape), dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(samples), desc="decoding", unit="img",
+                                                           disable=not show, leave=False) as bar:
+        for i, (x, (path, _)) in enumerate(zip(pool.map(read, [p for p, _ in samples], chunksize=256), samples)):
+            if x.shape != first.shape:
+                (h, w), (h0, w0) = x.shape[1:], first.shape[1:]
+                raise MixedSizes(f"the batched path keeps the training set as one tensor of equal-sized images, "
+                                 f"but {path} is {w}x{h} and {samples[0][0]} {w0}x{h0}")
+            images[i] = x
+            bar.update()
+    return images
 
 
-def build_device_loader(dataset, specs, mean, std, batch_size, device, seed=0):
-    """The --gpu-aug training loader. dataset: a training set of build_dataset (its transform is not used),
-    decoded once into one uint8 (N, 3, H, W) tensor on `device`, labels alongside; specs: one ViewSpec per view
-    ([simclr_spec(...)] * 2, byol_specs(...), multicrop_specs(...)); batch_size is per process.
+def decode_all(dataset, workers=1, cache=True, show=False):
+    """A training set of build_dataset (or a Subset of one), without its transform: uint8 (N, 3, H, W) and labels
+    (N,), on the CPU, and a line saying where they came from. torchvision's arrays are in memory already; an
+    ImageFolder's files are decoded once, in parallel, and kept (cache=True; not for a Subset) in
+    `.decoded-<split>.pt` beside its split folder: a later run loads that instead, unless a file was added, removed or changed since (its path,
+    size or modification time). A cache that cannot be written is skipped with a note."""
+    base, indices = _base(dataset)
+    pick = (lambda t: t) if indices is None else (lambda t: t[torch.as_tensor(indices)])
+    if isinstance(base, torchvision.datasets.CIFAR10):  # and CIFAR-100: (N, 32, 32, 3) uint8 in memory
+        images = torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous()
+        return pick(images), pick(torch.tensor(base.targets)), "torchvision's arrays, nothing to decode"
+    if isinstance(base, torchvision.datasets.STL10):  # (N, 3, 96, 96) uint8 in memory; unlabeled: -1
+        return pick(torch.from_numpy(base.data)), pick(torch.from_numpy(base.labels).long()), \
+            "torchvision's arrays, nothing to decode"
+    samples = base.samples if indices is None else [base.samples[i] for i in indices]
+    labels = torch.tensor([label for _, label in samples])
+    cache = cache and indices is None  # a part of a folder does not replace the whole one's cache
+    t0 = time.perf_counter()
+    path = os.path.join(os.path.dirname(os.path.normpath(base.root)), f".decoded-{os.path.basename(base.root)}.pt")
+    key = _files_key(samples, base.classes) if cache else None
+    if cache and os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] == key:
+                return saved["images"], labels, f"{len(samples):,} images loaded from {path} " \
+                                                f"in {time.perf_counter() - t0:.1f} s"
+        except Exception:  # a truncated or foreign file: decode again and replace it
+            pass
+    images = _decode_files(samples, base.loader, workers, show)
+    how = f"{len(samples):,} images decoded in {time.perf_counter() - t0:.1f} s on {max(1, workers)} threads"
+    if cache:
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save({"key": key, "images": images}, tmp)
+            os.replace(tmp, path)  # whole or not at all, also when two processes write it
+            how += f", cached in {path}"
+        except OSError as e:
+            how += f" (not cached: {e})"
+    return images, labels, how
+
+
+# The default --aug auto: the batched path when the decoded training set fits this budget (and, on a GPU, half of
+# its free memory): CIFAR-10/100's 50,000 images are 150 MB, Tiny ImageNet's 100,000 1.2 GB; STL-10's 105,000
+# pretraining images at 96 px (2.9 GB) and ImageNet take PIL loader workers.
+BATCHED_BUDGET = 2 * 1024 ** 3
+
+
+def choose_aug(aug, dataset, device):
+    """("batched" | "pil", why): what --aug auto | batched | pil means for this training set and device."""
+    if aug != "auto":
+        return aug, f"--aug {aug}"
+    size, device = decoded_bytes(dataset), torch.device(device)
+    budget, where = BATCHED_BUDGET, f"the {BATCHED_BUDGET / 1024 ** 3:.0f} GB budget"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if free / 2 < budget:
+            budget, where = free / 2, f"half of the {free / 1e9:.1f} GB free on {device}"
+    if size > budget:
+        return "pil", f"the training set is {size / 1e9:.1f} GB as uint8, more than {where}"
+    return "batched", f"the training set is {size / 1e6:,.0f} MB as uint8, within {where}"
+
+
+def build_train_loader(dataset, specs, mean, std, batch_size, workers, device, seed=0, aug="auto",
+                       announce=False):
+    """Every training script's loader. dataset: a training set of build_dataset without a transform (or a
+    Subset of one); specs: one ViewSpec per view; batch_size is per process. aug: "batched" (views made a
+    batch at a time on `device` from the decoded set: build_device_loader), "pil" (PIL views in `workers`
+    loader processes: build_loader) or "auto" (batched where the decoded set fits BATCHED_BUDGET, and all its
+    images have one size; else PIL). Both yield (views, labels) for the same seed from the same recipe, each
+    image's views fixed by (seed, epoch, image). announce: print which path and why (the main process)."""
+    path, why = choose_aug(aug, dataset, device)
+    if path == "batched":
+        try:
+            loader = build_device_loader(dataset, specs, mean, std, batch_size, device, seed, workers, announce)
+            why += f"; {loader.decoded}"
+        except MixedSizes as e:
+            if aug == "batched":
+                raise DataError(f"--aug batched: {e}: use --aug pil (or resize the images to one size)") from None
+            path, why = "pil", str(e).replace("the batched path keeps", "batched would keep")
+    if announce:
+        print(f"augmentation: {path} ({why})")
+    if path == "batched":
+        return loader
+    base, _ = _base(dataset)
+    base.transform = pil_views(specs, mean, std)
+    return build_loader(dataset, batch_size, workers, train=True, seed=seed)
+
+
+def build_device_loader(dataset, specs, mean, std, batch_size, device, seed=0, workers=1, show=False):
+    """The batched training loader. dataset: a training set of build_dataset (or a Subset of one; its transform
+    is not used), decoded once by decode_all (on `workers` threads; show: a progress bar) into one uint8
+    (N, 3, H, W) tensor moved to `device`, labels alongside; specs: one ViewSpec per view ([simclr_spec(...)] * 2,
+    byol_specs(...), multicrop_specs(...)); batch_size is per process.
 
     It yields what build_loader(train=True) yields for the same seed: (views, labels), the views a list of
     normalized float32 (B, 3, size, size) (here already on the device), batches of the same DistributedSampler
     (same shuffle per seed and epoch, sharded under torch.distributed, drop_last); set_epoch(loader, epoch)
-    every epoch. An image's views depend on (seed, epoch, image) only, as the PIL path's."""
-    images, labels = _decode_all(dataset)
+    every epoch. An image's views depend on (seed, epoch, image) only, as the PIL path's. `.decoded` says where
+    the images came from and how long that took."""
+    images, labels, how = decode_all(dataset, workers, show=show)
     device = torch.device(device)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         if images.nbytes > free / 2:
-            raise DataError(f"--gpu-aug: the training set is {images.nbytes / 1e9:.1f} GB as uint8, more than "
-                            f"half of the {free / 1e9:.1f} GB free on {device}: drop --gpu-aug")
+            raise DataError(f"--aug batched: the training set is {images.nbytes / 1e9:.1f} GB as uint8, more than "
+                            f"half of the {free / 1e9:.1f} GB free on {device}: use --aug pil")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    return DeviceLoader(images.to(device), labels.to(device), specs, mean, std, batch_size, seed, rank, world)
+    loader = DeviceLoader(images.to(device), labels.to(device), specs, mean, std, batch_size, seed, rank, world)
+    loader.decoded = how
+    return loader
 
 
 # ---- python data.py --show ----
@@ -653,6 +812,8 @@ def method_specs(method, img_size):
         return list(byol_specs(img_size))
     if method == "swav":
         return multicrop_specs(img_size, strength=0.5)  # swav.py's default --color-strength
+    if method == "dino":
+        return dino_specs(img_size)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -695,25 +856,26 @@ def _with_header(grid, labels, left, pitch):
     return image
 
 
-def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6, seed=0, gpu_aug=False):
+def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6, seed=0, aug="auto"):
     """PNG grid: one image per row, its original (eval transform) then the method's views, un-normalized, under a
     header naming each column and its side in pixels (show_labels: "original", "view 1", "view 2"; multi-crop:
     "global 1", ..., "small 1", ...). Views smaller than the cell (multi-crop's small crops) sit at their own
-    size on grey: the crops keep their true relative sizes. gpu_aug: the views of the batched device path
-    (device_views, here on the CPU) instead of the PIL path's. torchvision's datasets are downloaded into
-    data_dir when missing, as the training scripts do."""
+    size on grey: the crops keep their true relative sizes. aug: which path's views, as the training scripts'
+    --aug (auto: the one they would take for this dataset; batched: device_views, here on the CPU; pil).
+    torchvision's datasets are downloaded into data_dir when missing, as the training scripts do."""
     torch.manual_seed(seed)
     mean, std = MEAN_STD[dataset]
     ds = build_dataset(dataset, data_dir, "train", download=True)
     views, orig = method_views(method, img_size, mean, std), eval_transform(img_size, mean, std)
     picks = range(0, len(ds), len(ds) // rows)[:rows]  # evenly spaced: different classes in a sorted tree
-    if gpu_aug:
+    batched = choose_aug(aug, ds, "cpu")[0] == "batched"
+    if batched:
         images = torch.stack([v2.functional.pil_to_tensor(ds[i][0]) for i in picks])   # (rows, 3, H, W) uint8
         batch = device_views(images, torch.tensor(picks), method_specs(method, img_size), mean, std, seed)
     cells = []
     for row, i in enumerate(picks):
         img, _ = ds[i]
-        for x in [orig(img)] + ([v[row] for v in batch] if gpu_aug else views(img)):
+        for x in [orig(img)] + ([v[row] for v in batch] if batched else views(img)):
             x = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
             cell = torch.full((3, img_size, img_size), 0.5)
             top, left = (img_size - x.shape[1]) // 2, (img_size - x.shape[2]) // 2
@@ -726,18 +888,19 @@ def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6
     labels = show_labels(method_specs(method, img_size), img_size)
     _with_header(grid, labels, zoom * (pad + img_size / 2), zoom * (img_size + pad)).save(out, optimize=True)
     print(f"wrote {out}: {rows} images x (original + {len(views.transforms)} {method} views"
-          f"{', batched device path' if gpu_aug else ''})")
+          f"{', batched path' if batched else ', PIL path'})")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--show", required=True, choices=["simclr", "byol", "moco", "swav"])
+    p.add_argument("--show", required=True, choices=["simclr", "byol", "moco", "swav", "dino"])
     p.add_argument("--out", default="views.png")
     p.add_argument("--dataset", default="folder", choices=list(MEAN_STD))
     p.add_argument("--data-dir", default=str(SAMPLE_DIR), help="default: the shipped CIFAR-10 sample")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--rows", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gpu-aug", action="store_true", help="the batched device path's views (made on the CPU here)")
+    p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
+                   help="whose views: the training scripts' --aug (auto: the path they take for this dataset)")
     a = p.parse_args()
-    show(a.show, a.out, a.dataset, a.data_dir, a.img_size, a.rows, a.seed, a.gpu_aug)
+    show(a.show, a.out, a.dataset, a.data_dir, a.img_size, a.rows, a.seed, a.aug)

@@ -38,9 +38,9 @@ Differences from the paper (and from the reference code, main_dino.py):
   - Teacher momentum 0.99 instead of 0.996: a CIFAR-10 epoch is 98 steps, not 1251 (see --momentum).
   - Teacher temperature 0.04 throughout, main_dino.py's default and 100-epoch recipe; the paper's longer runs
     warm it up from 0.04 to 0.07 over 30 epochs (--teacher-temp 0.07).
-  - The crops: data.multicrop_specs with DINO's areas (global 0.4-1, small 0.05-0.4) and colour strength 0.5:
-    jitter 0.4/0.4/0.4/0.1 instead of 0.4/0.4/0.2/0.1, bilinear instead of bicubic resizing, no solarization of
-    the second global crop, and blur only from 64 px (the reference blurs at p 1.0 / 0.1 / 0.5).
+  - The crops are the reference's (data.dino_specs: areas, bicubic, jitter, grayscale, solarization of the second
+    global crop) but for the blur, only from 64 px as in every recipe here (the reference blurs at p 1.0 / 0.1 /
+    0.5); without small crops the global crops cover 0.14-1 of the image (the reference README's advice).
   - Gradients clipped at 3.0 as one global norm (as the other method files) instead of each parameter's own.
   - The teacher temperature rises per step rather than per epoch, and the warmups (lr, teacher temperature) of a
     run too short for them take a quarter of it, as in the other files. No weight decay on the tokens either.
@@ -211,11 +211,15 @@ def get_args_parser():
                    help="AdamW decoupled decay at the start, raised to --weight-decay-end by a half cosine (paper: "
                         "0.04)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
-    p.add_argument("--gpu-aug", action="store_true",
-                   help="make the views on the training device, a batch at a time, from a uint8 copy of the training "
-                        "set kept there (data.build_device_loader; no loader workers): for a GPU that PIL workers "
-                        "cannot keep fed. Same recipe, other random draws than the default PIL path")
+    p.add_argument("--workers", type=int, default=4,
+                   help="per GPU: PIL loader processes (--aug pil); threads decoding the training set (batched)")
+    p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
+                   help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
+                        "time, from the training set decoded once into memory) or pil (per image, in --workers "
+                        "loader processes); auto: batched where the decoded set fits in 2 GB (CIFAR: 150 MB) and its "
+                        "images have one size, else pil")
+    p.add_argument("--gpu-aug", dest="aug", action="store_const", const="batched", default=argparse.SUPPRESS,
+                   help="old name of --aug batched")
     p.add_argument("--out", default="runs/dino", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -394,20 +398,15 @@ def main(argv=None):
     # ---- data ----
     mean, std = data.MEAN_STD[args.dataset]
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
-    # multi-crop with DINO's crop areas (main_dino.py: global 0.4-1, small 0.05-0.4; SwAV's are 0.14-1, 0.05-0.14;
-    # without small crops the global ones cover 0.14-1, the reference README's advice) and its colour jitter as
-    # near as multicrop_specs has it (strength 0.5: 0.4/0.4/0.4/0.1 instead of 0.4/0.4/0.2/0.1)
+    # DINO's multi-crop (main_dino.py): BYOL's asymmetric pair as global crops, then the small crops; without small
+    # crops the global ones cover 0.14-1 of the image instead of 0.4-1, the reference README's advice
     global_scale = (0.4 if args.num_small_crops else 0.14, 1.0)
-    specs = data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
-                                 local_size=args.small_crop_size, global_scale=global_scale, local_scale=(0.05, 0.4),
-                                 strength=0.5)
-    train_tf = None if args.gpu_aug else data.pil_views(specs, mean, std)  # the PIL path, in loader workers
-    train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    if args.gpu_aug:  # the same recipe, made on the device a batch at a time
-        loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
-                                          seed=args.seed)
-    else:
-        loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    specs = data.dino_specs(args.img_size, n_local=args.num_small_crops, local_size=args.small_crop_size,
+                            global_scale=global_scale)
+    train_set = data.build_dataset(args.dataset, args.data_dir, train_split, download=args.download)
+    # the views made a batch at a time on the device, or per image by PIL in loader workers (--aug)
+    loader = data.build_train_loader(train_set, specs, mean, std, args.batch_size // world, args.workers, device,
+                                     seed=args.seed, aug=args.aug, announce=is_main)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
@@ -465,7 +464,7 @@ def main(argv=None):
             raise SystemExit(f"error: {ckpt_path} is not a dino checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
         free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "gpu_aug", "precision"}  # --gpu-aug: the same recipe, other random draws
+                "aug", "precision"}  # --aug: the same recipe, other random draws
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:

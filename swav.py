@@ -197,11 +197,15 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW decoupled decay (DeiT/DINO's 0.05; paper: 1e-6 with LARS)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10 at batch 4096)")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per GPU")
-    p.add_argument("--gpu-aug", action="store_true",
-                   help="make the views on the training device, a batch at a time, from a uint8 copy of the training "
-                        "set kept there (data.build_device_loader; no loader workers): for a GPU that PIL workers "
-                        "cannot keep fed. Same recipe, other random draws than the default PIL path")
+    p.add_argument("--workers", type=int, default=4,
+                   help="per GPU: PIL loader processes (--aug pil); threads decoding the training set (batched)")
+    p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
+                   help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
+                        "time, from the training set decoded once into memory) or pil (per image, in --workers "
+                        "loader processes); auto: batched where the decoded set fits in 2 GB (CIFAR: 150 MB) and its "
+                        "images have one size, else pil")
+    p.add_argument("--gpu-aug", dest="aug", action="store_const", const="batched", default=argparse.SUPPRESS,
+                   help="old name of --aug batched")
     p.add_argument("--out", default="runs/swav", help="folder for checkpoint.pt and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -384,13 +388,10 @@ def main(argv=None):
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
     specs = data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
                                  local_size=args.small_crop_size, strength=args.color_strength)  # §3.2
-    train_tf = None if args.gpu_aug else data.pil_views(specs, mean, std)  # the PIL path, in loader workers
-    train_set = data.build_dataset(args.dataset, args.data_dir, train_split, train_tf, download=args.download)
-    if args.gpu_aug:  # the same recipe, made on the device a batch at a time
-        loader = data.build_device_loader(train_set, specs, mean, std, args.batch_size // world, device,
-                                          seed=args.seed)
-    else:
-        loader = data.build_loader(train_set, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    train_set = data.build_dataset(args.dataset, args.data_dir, train_split, download=args.download)
+    # the views made a batch at a time on the device, or per image by PIL in loader workers (--aug)
+    loader = data.build_train_loader(train_set, specs, mean, std, args.batch_size // world, args.workers, device,
+                                     seed=args.seed, aug=args.aug, announce=is_main)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
@@ -445,7 +446,7 @@ def main(argv=None):
             raise SystemExit(f"error: {ckpt_path} is not a swav checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
         free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "gpu_aug", "precision"}  # --gpu-aug: the same recipe, other random draws; precision: the GPU's
+                "aug", "precision"}  # --aug: the same recipe, other random draws; precision: the GPU's
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:

@@ -59,7 +59,7 @@ def tensor_dataset(dataset, transform):
     folder's files decoded by decode_image at every access, torchvision's in-memory arrays (nothing to decode)."""
     if isinstance(dataset, torchvision.datasets.ImageFolder):
         return torchvision.datasets.ImageFolder(dataset.root, transform=transform, loader=decode_rgb)
-    return TensorImages(*data._decode_all(dataset), transform)
+    return TensorImages(*data.decode_all(dataset)[:2], transform)
 
 
 def uint8_images(dataset, indices):
@@ -68,7 +68,7 @@ def uint8_images(dataset, indices):
     if isinstance(dataset, torchvision.datasets.ImageFolder):
         images = [v2.functional.pil_to_tensor(dataset.loader(dataset.samples[i][0])) for i in indices]
         return torch.stack(images), torch.tensor([dataset.targets[i] for i in indices])
-    images, labels = data._decode_all(dataset)
+    images, labels, _ = data.decode_all(dataset)
     return images[indices], labels[indices]
 
 

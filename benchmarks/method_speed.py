@@ -1,21 +1,27 @@
-"""Training speed of each method against the same method assembled from the lightly library, in one run.
+"""Training speed of each method against the same method assembled from the lightly library, in one run, and
+of our two data paths against each other.
 
-For SimCLR, MoCo v3, BYOL and SwAV: images per second of our training step (the method file's own
+For SimCLR, MoCo v3, BYOL, SwAV and DINO: images per second of our training step (the method file's own
 train_one_epoch, with the model, optimizer, schedules and loader built as its main() builds them) against a
 step made of lightly's pieces: its view transforms, projection / prediction heads, loss, momentum update and,
-for SwAV, its prototypes and Sinkhorn (inside SwaVLoss), on timm's VisionTransformer of the same shape. Both
+for SwAV, its prototypes and Sinkhorn (inside SwaVLoss), for DINO its DINOProjectionHead, DINOLoss (centre and
+temperatures inside) and DINOTransform, on timm's VisionTransformer of the same shape. Both
 sides get the same images (an evenly spaced subset of the train split), the same head widths, crops, batch,
-DataLoader workers, AdamW, gradient clipping and precision (fp32 on CPU; on CUDA the backbone under bf16
-autocast, heads and losses in fp32, as our scripts do). The sides alternate per method and round (who goes
-first alternates too); a side's figure is the median over rounds, the ratio ours/lightly (> 1: ours faster);
-the ratios of the rounds (each of two runs adjacent in time) are printed too, with their median.
+AdamW, gradient clipping and precision (fp32 on CPU; on CUDA the backbone under bf16 autocast, heads and losses
+in fp32, as our scripts do), and each side its default data path: ours the method file's (--aug auto: the
+batched path wherever the training set fits in memory, as CIFAR's does), lightly's its transforms on PIL images
+in --workers DataLoader workers. Side "ours-pil" is ours with --aug pil (PIL in the same number of workers):
+`--sides ours,ours-pil` compares our two paths, end to end, without lightly.
+The sides alternate per method and round (who goes first rotates); a side's figure is the median over rounds,
+a ratio x/y > 1 means x is faster; the ratios of the rounds (runs adjacent in time) are printed with their median.
 A run times --steps steps after --warmup steps; a step's time runs from the arrival of its batch to the
-arrival of the next, so it holds the wait for data as well as the compute. With --cached each run's batches
-are made before its clock starts: the ratio is then of the training steps alone, with no loader worker taking
-CPU time from them (on a CPU with few cores the workers' share is what a --cached ratio leaves out).
+arrival of the next, so it holds the wait for data (or the making of a batch's views, on the batched path) as
+well as the compute. With --cached each run's batches are made before its clock starts: the ratio is then of
+the training steps alone, with no loader worker taking CPU time from them.
 
     python -m venv --system-site-packages /tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly
-    /tmp/lightly-venv/bin/python benchmarks/method_speed.py                      # CPU, vit_mini/8, batch 128
+    /tmp/lightly-venv/bin/python benchmarks/method_speed.py --workers 2 --rounds 3   # CPU, vit_mini/8, batch 128
+    python benchmarks/method_speed.py --sides ours,ours-pil --workers 2 --rounds 3   # our two paths (no lightly)
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --cached --rounds 5        # the steps alone
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --methods swav --profile   # where the time goes
     /tmp/lightly-venv/bin/python benchmarks/method_speed.py --device cuda --arch vit_tiny --batch-size 512
@@ -40,8 +46,9 @@ What differs and could not be made equal (read the ratio with these in mind):
     backbones alone are compared by benchmarks/vit_speed.py.
   - transforms: lightly's crop is bilinear where SimCLR's and BYOL's recipes (ours) are bicubic; lightly adds
     vertical flip and rotation steps at probability 0 and draws its blur / solarization coins from numpy
-    even at probability 0. Our loader seeds every image's draws (data.SeededViews); lightly's side is a
-    plain shuffled DataLoader.
+    even at probability 0. Our loaders seed every image's draws (data.SeededViews, data.uniforms); lightly's
+    side is a plain shuffled DataLoader. Our batched path resizes a crop by one bilinear grid_sample (no
+    antialiasing) and makes the views in the training process, between steps.
   - noise: the runs of a method alternate, but a run lasts seconds; on a shared machine the load changes
     between runs. Read the per-round lines printed above the table and use more --rounds where it matters.
   - heads: lightly's last BatchNorm of SimCLR's and MoCo's heads is affine (ours is not), its BYOL heads'
@@ -50,12 +57,14 @@ What differs and could not be made equal (read the ratio with these in mind):
   - losses: MoCo v3 on lightly's side is NTXentLoss(q, k) at tau 0.2, which also scores q against q and k
     against k (a (2B, 2B) problem where MoCo v3's ctr is (B, B)). BYOL uses NegativeCosineSimilarity.
     SwAV: SwaVLoss runs Sinkhorn per global crop inside the loss, ours before it; neither side has a queue
-    (ours starts it at epoch 15).
-  - step: ours also computes the collapse monitor (embed_std; SwAV's prototype use and code entropy), checks
-    the loss and gradient norm for NaN, sets the lr of every step and updates a tqdm bar; lightly's side reads
+    (ours starts it at epoch 15). DINO: lightly's last layer is not frozen in the measured epoch (ours is, as
+    --freeze-last-layer 1: its gradient is dropped), and the teacher's centre is updated inside DINOLoss.
+  - step: ours also computes the collapse monitor (embed_std; SwAV's prototype use and code entropy; DINO's
+    teacher entropy and KL), checks the loss and gradient norm for NaN, sets the lr (DINO: and the weight
+    decay) of every step and updates a tqdm bar; lightly's side reads
     loss.item() once per step and keeps a constant lr. Weight decay groups: ours by param_groups, lightly's
     by get_weight_decay_parameters (the same split up to the tokens).
-It does not measure accuracy, distributed runs, torch.compile or the --gpu-aug path.
+It does not measure accuracy, distributed runs or torch.compile.
 """
 import argparse
 import contextlib
@@ -78,12 +87,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import byol  # noqa: E402
 import data  # noqa: E402
+import dino  # noqa: E402
 import moco  # noqa: E402
 import simclr  # noqa: E402
 import swav  # noqa: E402
 import vit  # noqa: E402
 
-MODULES = {"simclr": simclr, "moco": moco, "byol": byol, "swav": swav}
+MODULES = {"simclr": simclr, "moco": moco, "byol": byol, "swav": swav, "dino": dino}
 DEFAULT_PATCH = {"vit_mini": 8, "vit_tiny": 4}
 INSTALL = ("pip install lightly in a separate environment: python -m venv --system-site-packages "
            "/tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly, then run this script with "
@@ -175,19 +185,22 @@ def ours_args(method, a):
     """The method's args as its command line would give them: its defaults, our size, data and loader."""
     return MODULES[method].get_args_parser().parse_args([
         "--dataset", a.dataset, "--data-dir", a.data_dir, "--arch", a.arch, "--patch-size", str(a.patch_size),
-        "--img-size", str(a.img_size), *(["--small-crop-size", str(a.img_size // 2)] if method == "swav" else []),
+        "--img-size", str(a.img_size), *(["--small-crop-size", str(a.img_size // 2)] if method in ("swav", "dino") else []),
         "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--device", a.device,
         "--precision", "bf16" if a.device.startswith("cuda") else "fp32", "--knn-every", "0"])
 
 
-def ours_transform(method, args, mean, std):
-    """The training transform each main() builds."""
+def ours_specs(method, args):
+    """The views each main() asks data.build_train_loader for."""
     if method == "simclr":
-        return data.MultiView(data.simclr_transform(args.img_size, mean, std, strength=args.color_strength), n=2)
+        return [data.simclr_spec(args.img_size, strength=args.color_strength)] * 2
     if method in ("moco", "byol"):
-        return data.MultiView(data.byol_transforms(args.img_size, mean, std))
-    return data.multicrop_transform(args.img_size, mean, std, n_global=2, n_local=args.num_small_crops,
+        return list(data.byol_specs(args.img_size))
+    if method == "swav":
+        return data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
                                     local_size=args.small_crop_size, strength=args.color_strength)
+    return data.dino_specs(args.img_size, n_local=args.num_small_crops, local_size=args.small_crop_size,
+                           global_scale=(0.4 if args.num_small_crops else 0.14, 1.0))
 
 
 def ours_model(method, args):
@@ -201,21 +214,24 @@ def ours_model(method, args):
         return moco.MoCo(backbone, args.hidden_dim, args.out_dim)
     if method == "byol":
         return byol.BYOL(backbone, args.hidden_dim, args.out_dim)
-    return swav.SwAV(backbone, args.hidden_dim, args.out_dim, args.num_prototypes)
+    if method == "swav":
+        return swav.SwAV(backbone, args.hidden_dim, args.out_dim, args.num_prototypes)
+    return dino.DINO(backbone, args.hidden_dim, args.bottleneck_dim, args.out_dim)
 
 
-def run_ours(method, a, stats=None):
-    """One epoch of the method's train_one_epoch over warmup + steps + 1 batches; images per second.
-    stats (a dict): gets "step_memory", the peak memory of the epoch above the memory in use at its start."""
+def run_ours(method, a, stats=None, aug="auto"):
+    """One epoch of the method's train_one_epoch over warmup + steps + 1 batches; images per second. aug: the
+    data path, as the method file's --aug (auto: its default). stats (a dict): gets "step_memory", the peak
+    memory of the epoch above the memory in use at its start."""
     module, args = MODULES[method], ours_args(method, a)
     device = torch.device(a.device)
     mean, std = data.MEAN_STD[args.dataset]
-    train_set = data.build_dataset(args.dataset, args.data_dir, "train", ours_transform(method, args, mean, std),
-                                   download=True)
+    train_set = data.build_dataset(args.dataset, args.data_dir, "train", download=True)
     n_batches = a.warmup + a.steps + 1
-    loader = Clocked(data.build_loader(subset(train_set, n_batches * a.batch_size), args.batch_size,
-                                       args.workers, train=True, seed=args.seed), cached=a.cached,
-                     device=device if stats is not None else None)
+    loader = Clocked(data.build_train_loader(subset(train_set, n_batches * a.batch_size), ours_specs(method, args),
+                                             mean, std, args.batch_size, args.workers, device, seed=args.seed,
+                                             aug=aug),
+                     cached=a.cached, device=device if stats is not None else None)
     model = ours_model(method, args).to(device)
     lr = args.lr * args.batch_size / 256  # as main(): the linear scaling rule
     optimizer = torch.optim.AdamW(module.param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999))
@@ -232,8 +248,15 @@ def run_ours(method, a, stats=None):
                                  args)
         elif method == "byol":
             byol.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, momentum_schedule, 0, args)
-        else:  # the queue starts at --queue-start-epoch (15): none in epoch 0
+        elif method == "swav":  # the queue starts at --queue-start-epoch (15): none in epoch 0
             swav.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, 0, args, queue=None)
+        else:  # weight decay to --weight-decay-end and the teacher temperature's warmup, as main()
+            wd_schedule = lambda step: dino.cosine_schedule(step, total_steps, 0, args.weight_decay,  # noqa: E731
+                                                            args.weight_decay_end)
+            temp_schedule = lambda step: dino.linear_warmup(step, total_steps // 4, args.warmup_teacher_temp,  # noqa
+                                                            args.teacher_temp)
+            dino.train_one_epoch(model, model, loader, optimizer, scaler, lr_schedule, wd_schedule, momentum_schedule,
+                                 temp_schedule, 0, args, torch.zeros(args.out_dim, device=device))
     if stats is not None:
         stats["step_memory"] = peak_memory(device) - loader.memory_at_start
     return images_per_second(loader, a.warmup, a.steps, a.batch_size)
@@ -262,6 +285,9 @@ def lightly_transform(method, args, L):
     if method in ("moco", "byol"):  # BYOL's asymmetric pair, without blur at 32 px (data.byol_specs)
         return T.BYOLTransform(T.BYOLView1Transform(input_size=args.img_size, gaussian_blur=0.0, normalize=norm),
                                T.BYOLView2Transform(input_size=args.img_size, gaussian_blur=0.0, normalize=norm))
+    if method == "dino":  # its own defaults are main_dino.py's: jitter 0.4/0.4/0.2/0.1, solarization 0.2
+        return T.DINOTransform(global_crop_size=args.img_size, local_crop_size=args.small_crop_size,
+                               n_local_views=args.num_small_crops, gaussian_blur=(0.0, 0.0, 0.0), normalize=norm)
     return T.SwaVTransform(crop_sizes=(args.img_size, args.small_crop_size), crop_counts=(2, args.num_small_crops),
                            crop_min_scales=(0.14, 0.05), crop_max_scales=(1.0, 0.14),
                            cj_strength=args.color_strength, gaussian_blur=0.0, normalize=norm)
@@ -353,8 +379,41 @@ class LightlySwAV(LightlyMethod):
         return self.criterion(scores[:2], scores[2:])
 
 
+class LightlyDINO(LightlyMethod):
+    """Student backbone + DINOProjectionHead, an EMA teacher of both that sees the 2 global crops, DINOLoss."""
+
+    def __init__(self, backbone, args, L, amp, total_steps):
+        super().__init__(backbone, amp)
+        make_head = lambda: L.heads.DINOProjectionHead(  # noqa: E731
+            backbone.embed_dim, args.hidden_dim, args.bottleneck_dim, args.out_dim)
+        self.head, self.teacher_head = make_head(), make_head()  # (its weight_norm cannot be deep-copied)
+        self.teacher_head.load_state_dict(self.head.state_dict())
+        self.teacher_backbone = copy.deepcopy(backbone)
+        L.utils.deactivate_requires_grad(self.teacher_backbone)
+        L.utils.deactivate_requires_grad(self.teacher_head)
+        self.criterion = L.loss.DINOLoss(output_dim=args.out_dim, warmup_teacher_temp=args.warmup_teacher_temp,
+                                         teacher_temp=args.teacher_temp, student_temp=args.student_temp,
+                                         center_momentum=args.center_momentum)
+        self.momentum, self.total_steps, self.L = args.momentum, total_steps, L
+
+    def trainable(self):
+        return [self.backbone, self.head]
+
+    def forward(self, crops, step):
+        groups = [list(g) for _, g in itertools.groupby(crops, key=lambda x: x.shape[-1])]  # one call per size
+        student = self.head(torch.cat([self.features(self.backbone, torch.cat(g)) for g in groups]))
+        with torch.no_grad():
+            teacher = self.teacher_head(self.features(self.teacher_backbone, torch.cat(crops[:2])))
+        return self.criterion(list(teacher.chunk(2)), list(student.chunk(len(crops))), epoch=0)
+
+    def after_step(self, step):
+        m = self.L.cosine_schedule(step, self.total_steps, self.momentum, 1.0)
+        self.L.utils.update_momentum(self.backbone, self.teacher_backbone, m)
+        self.L.utils.update_momentum(self.head, self.teacher_head, m)
+
+
 def lightly_model(method, args, L, total_steps, amp):
-    backbone = timm_backbone(L, args, dynamic=method == "swav")
+    backbone = timm_backbone(L, args, dynamic=method in ("swav", "dino"))
     D, H = backbone.embed_dim, L.heads
     if method == "simclr":
         return LightlySimCLR(backbone, args, L, amp)
@@ -368,7 +427,9 @@ def lightly_model(method, args, L, total_steps, amp):
             backbone, H.BYOLProjectionHead(D, args.hidden_dim, args.out_dim),
             H.BYOLPredictionHead(args.out_dim, args.hidden_dim, args.out_dim),
             L.loss.NegativeCosineSimilarity(), args.momentum, total_steps, L, amp)
-    return LightlySwAV(backbone, args, L, amp, steps_per_epoch=total_steps // args.epochs)
+    if method == "swav":
+        return LightlySwAV(backbone, args, L, amp, steps_per_epoch=total_steps // args.epochs)
+    return LightlyDINO(backbone, args, L, amp, total_steps)
 
 
 def run_lightly(method, a, L):
@@ -423,7 +484,7 @@ def profile(method, a, L):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="simclr,moco,byol,swav", help="comma-separated")
+    p.add_argument("--methods", default="simclr,moco,byol,swav,dino", help="comma-separated")
     p.add_argument("--arch", default="vit_mini", choices=sorted(DEFAULT_PATCH))
     p.add_argument("--patch-size", type=int, default=None, help="default: 8 for vit_mini, 4 for vit_tiny")
     p.add_argument("--img-size", type=int, default=32, help="crop size (SwAV's small crops: half of it)")
@@ -440,6 +501,9 @@ def main(argv=None):
                    help="where the dataset is, or goes (its train split is used); default: %(default)s")
     p.add_argument("--cached", action="store_true",
                    help="make each run's batches before timing it: the training step alone, without the data path")
+    p.add_argument("--sides", default="ours,lightly",
+                   help="comma-separated, from: ours (the method file with its default data path, --aug auto), "
+                        "ours-pil (the same with --aug pil: PIL in loader workers), lightly; default: %(default)s")
     p.add_argument("--profile", action="store_true", help="one profiled run per side instead of the benchmark")
     a = p.parse_args(argv)
     a.patch_size = a.patch_size or DEFAULT_PATCH[a.arch]
@@ -447,31 +511,40 @@ def main(argv=None):
     unknown = [m for m in methods if m not in MODULES]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}: choose from {', '.join(MODULES)}")
-    L = import_lightly()
+    sides = [x.strip() for x in a.sides.split(",") if x.strip()]
+    if not sides or set(sides) - {"ours", "ours-pil", "lightly"}:
+        raise SystemExit(f"error: --sides {a.sides!r}: choose from ours, ours-pil, lightly")
+    L = import_lightly() if "lightly" in sides or a.profile else None
     if a.profile:
         for method in methods:
             profile(method, a, L)
         return
 
-    rates = {m: {"ours": [], "lightly": []} for m in methods}
+    rates = {m: {side: [] for side in sides} for m in methods}
     for r in range(a.rounds):
         for method in methods:
-            for side in (("ours", "lightly") if r % 2 == 0 else ("lightly", "ours")):
-                rate = run_ours(method, a) if side == "ours" else run_lightly(method, a, L)
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # who goes first rotates
+                rate = (run_lightly(method, a, L) if side == "lightly" else
+                        run_ours(method, a, aug="pil" if side == "ours-pil" else "auto"))
                 rates[method][side].append(rate)
-                print(f"round {r + 1}/{a.rounds} {method:6s} {side:7s} {rate:7.1f} img/s", flush=True)
+                print(f"round {r + 1}/{a.rounds} {method:6s} {side:8s} {rate:7.1f} img/s", flush=True)
 
     print(f"\n{a.arch}/{a.patch_size} at {a.img_size} px, batch {a.batch_size}, {a.workers} loader worker(s), "
           f"{a.steps} timed steps after {a.warmup}, median of {a.rounds} round(s), {a.device} "
           f"{'(batches cached before timing: the step alone) ' if a.cached else ''}"
-          f"({'bf16 autocast' if a.device.startswith('cuda') else 'fp32'}); lightly {L.version}\n")
-    print("| method | ours img/s | lightly img/s | ratio ours/lightly | per-round ratios (median) |")
-    print("|---|---|---|---|---|")
+          f"({'bf16 autocast' if a.device.startswith('cuda') else 'fp32'})"
+          f"{f'; lightly {L.version}' if L else ''}; ours: the method file's default data path (--aug auto: "
+          f"batched here), ours-pil: --aug pil\n")
+    pairs = [(x, y) for i, x in enumerate(sides) for y in sides[i + 1:]]
+    print("| method | " + " | ".join(f"{side} img/s" for side in sides) + " | " +
+          " | ".join(f"ratio {x}/{y} (per round)" for x, y in pairs) + " |")
+    print("|---|" + "---|" * (len(sides) + len(pairs)))
     for method in methods:
-        ours, theirs = (statistics.median(rates[method][s]) for s in ("ours", "lightly"))
-        paired = [o / t for o, t in zip(rates[method]["ours"], rates[method]["lightly"])]  # adjacent in time
-        print(f"| {method} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} | "
-              f"{' '.join(f'{r:.2f}' for r in paired)} ({statistics.median(paired):.2f}) |")
+        cells = [f"{statistics.median(rates[method][side]):.1f}" for side in sides]
+        for x, y in pairs:
+            paired = [o / t for o, t in zip(rates[method][x], rates[method][y])]  # the same round: close in time
+            cells.append(f"{statistics.median(paired):.2f} ({' '.join(f'{q:.2f}' for q in paired)})")
+        print(f"| {method} | " + " | ".join(cells) + " |")
     print(f"\nhardware: {hardware(a.device)}")
     print("command: python " + " ".join(sys.argv if argv is None else [sys.argv[0], *argv]))
 

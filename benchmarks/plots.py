@@ -25,8 +25,8 @@ import data  # noqa: E402
 import eval_linear  # noqa: E402
 
 LABELS = {"random": "random init", "supervised": "supervised", "simclr": "SimCLR", "moco": "MoCo v3",
-          "byol": "BYOL", "swav": "SwAV"}
-COLOURS = {"simclr": "tab:blue", "moco": "tab:orange", "byol": "tab:green", "swav": "tab:red"}
+          "byol": "BYOL", "swav": "SwAV", "dino": "DINO"}
+COLOURS = {"simclr": "tab:blue", "moco": "tab:orange", "byol": "tab:green", "swav": "tab:red", "dino": "tab:purple"}
 DPI = 80
 
 

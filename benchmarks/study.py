@@ -72,9 +72,8 @@ import eval_linear  # noqa: E402
 import tinyimagenet20  # noqa: E402  (benchmarks/, beside this file)
 import vit  # noqa: E402
 
-METHODS = ["simclr", "moco", "byol", "swav"]
-LABELS = {"random": "random init", "supervised": "supervised", "simclr": "SimCLR", "moco": "MoCo v3",
-          "byol": "BYOL", "swav": "SwAV"}
+METHODS = ["simclr", "moco", "byol", "swav", "dino"]
+from plots import LABELS  # noqa: E402  (benchmarks/plots.py: the names in the table and the figures)
 LABEL_FRACTIONS = (0.01, 0.1)   # label efficiency: the SimCLR / BYOL semi-supervised tables' 1% and 10%
 LABEL_SUBSET_SEED = 0           # the same labelled subsets for every network and every seed
 
@@ -110,11 +109,13 @@ PROTOCOLS = {
 
 
 def method_flags(method, cfg):
-    """The flags a method gets beyond the shared ones: what SwAV's file sizes for 100+ epochs of all of CIFAR-10
-    at 32 px, sized to the protocol: the small crops' side and the queue."""
-    if method != "swav":
+    """The flags a method gets beyond the shared ones: what SwAV's and DINO's files size for 100+ epochs of all
+    of CIFAR-10 at 32 px, sized to the protocol: the small crops' side and SwAV's queue."""
+    if method not in ("swav", "dino"):
         return []
     small = max(cfg["patch_size"], cfg["img_size"] // 2 // cfg["patch_size"] * cfg["patch_size"])  # 32 -> 16 px
+    if method == "dino":
+        return ["--small-crop-size", str(small)]
     long_run = cfg["epochs"] >= 50  # the queue starts at epoch 15 (of the reference's 200): only in long runs
     return ["--small-crop-size", str(small),
             # the reference freezes the prototypes for its first epoch, as the file's default does on any data
@@ -143,7 +144,7 @@ def get_args_parser():
                         "fetched into --data-dir; or e.g. --transfer-dataset cifar100 --transfer-data-dir data)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch missing datasets (torchvision's, the Tiny ImageNet archive) (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all four")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all five")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
     p.add_argument("--no-unseen", action="store_true",
                    help="skip the five-class pretrainings and the unseen-classes columns (a third of the cost)")

@@ -3,6 +3,7 @@ default, the presets and the docstring's examples as written; a log that starts 
 k-NN (epoch 0); a finished run that says where its checkpoint is and what to run next; one line, not a
 traceback, for a truncated checkpoint, a finished run resumed, a patch size that does not tile the image, and
 Ctrl-C; no empty run folder left by a start that failed. Each test names the bug it catches."""
+import argparse
 import importlib
 import os
 import re
@@ -39,7 +40,7 @@ def test_help_shows_every_default_the_presets_and_the_examples_as_written(method
     parser = module.get_args_parser()
     text = " ".join(parser.format_help().split())  # argparse wraps help lines: compare with whitespace collapsed
     for action in parser._actions:
-        if action.option_strings and action.dest != "help":
+        if action.option_strings and action.dest != "help" and action.default is not argparse.SUPPRESS:
             assert f"(default: {action.default})" in text, (action.option_strings, action.default)
     continued = [line for line in module.__doc__.splitlines() if line.endswith("\\")]
     assert continued, f"{method}.py's docstring has no multi-line example any more: this test checks nothing"

@@ -103,6 +103,20 @@ def test_blur_follows_the_papers():
     assert _blurs(data.simclr_transform(96, MEAN, STD)) == [((9, 9), 0.5)]
 
 
+def test_dino_recipe_is_main_dino():
+    """Catches DINO's crops drifting from the reference's DataAugmentationDINO: the crop areas, the bicubic resize,
+    its jitter (0.4, 0.4, 0.2, 0.1) (not SwAV's colour strength), solarization of the second global crop only,
+    blur p 1.0 / 0.1 / 0.5 where there is blur (from 64 px), the paper's 2 x 224 + 8 x 96 crops."""
+    specs = data.dino_specs(224, local_size=96)
+    assert [s.size for s in specs] == [224] * 2 + [96] * 8
+    assert [s.scale for s in specs] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 8
+    assert all(s.interpolation == "bicubic" and s.flip_p == 0.5 and s.jitter == (0.4, 0.4, 0.2, 0.1)
+               and s.jitter_p == 0.8 and s.gray_p == 0.2 and s.blur_sigma == (0.1, 2.0) for s in specs)
+    assert [s.blur_p for s in specs] == [1.0, 0.1] + [0.5] * 8
+    assert [s.solarize_p for s in specs] == [0.0, 0.2] + [0.0] * 8
+    assert [s.blur_p for s in data.dino_specs(32)] == [0.0] * 10  # CIFAR: no blur, as every recipe here
+
+
 def test_solarize_only_on_byol_second_view():
     assert [s.solarize_p for s in data.byol_specs(32)] == [0.0, 0.2]  # BYOL Table 6
     t1, t2 = data.byol_transforms(32, MEAN, STD)
@@ -547,3 +561,6 @@ def test_show_draws_each_scripts_default_recipe():
     assert data.method_specs("swav", 32) == data.multicrop_specs(
         32, n_global=2, n_local=default(swav, "num_small_crops"), local_size=default(swav, "small_crop_size"),
         strength=default(swav, "color_strength"))
+    import dino
+    assert data.method_specs("dino", 32) == data.dino_specs(
+        32, n_local=default(dino, "num_small_crops"), local_size=default(dino, "small_crop_size"))

@@ -1,4 +1,4 @@
-"""data.py's batched augmentation path on the device (--gpu-aug), on the CPU (the same code runs on CUDA).
+"""data.py's batched augmentation path (--aug batched, the default), on the CPU (the same code runs on CUDA).
 
 - every op against torchvision: the colour jitter's four ops with per-image factors and orders, grayscale,
   blur and solarization against v2.functional, and whole views against a slow per-image loop that draws
@@ -14,6 +14,7 @@ test_colour_statistics, test_device_path_draws_what_the_pil_path_draws).
 """
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
@@ -253,7 +254,7 @@ def test_same_views_for_a_seed_epoch_and_image_in_any_batch_or_process(sample_tr
     in one process with batch 100 as in two processes (DistributedSampler shards) with batch 50, and the same
     again for the same (seed, epoch); another epoch gives other views of it."""
     specs = data.byol_specs(32)
-    images, labels = data._decode_all(sample_train)
+    images, labels = data.decode_all(sample_train)[:2]
 
     def views_by_image(batch, rank=0, world=1, epoch=2):
         loader = data.DeviceLoader(images, labels, specs, MEAN, STD, batch, seed=0, rank=rank, world=world)
@@ -301,31 +302,34 @@ def test_in_memory_arrays_of_cifar_and_stl(kind):
         ds = object.__new__(torchvision.datasets.STL10)
         ds.data, ds.labels = rng.integers(0, 256, (6, 3, 96, 96), dtype=np.uint8), np.array([3, 1, 4, -1, -1, -1])
     ds.transform = ds.target_transform = None
-    images, labels = data._decode_all(ds)
+    images, labels = data.decode_all(ds)[:2]
     assert images.shape == (6, 3, *ds[0][0].size[::-1]) and images.dtype == torch.uint8
     assert all(torch.equal(images[i], v2.functional.pil_to_tensor(ds[i][0])) for i in range(6))
     assert labels.tolist() == [ds[i][1] for i in range(6)]
 
 
-def test_images_of_different_sizes_give_one_line(tmp_path):
-    """Catches a mixed-size folder that fails with a traceback from torch.stack instead of saying what to do."""
+def test_images_of_different_sizes_give_one_line_or_pil(tmp_path):
+    """Catches a mixed-size folder that fails with a traceback from torch.stack instead of saying what to do
+    (--aug batched), or that stops a run whose --aug auto could have taken the PIL path instead."""
     for i, size in enumerate([(32, 32), (32, 32), (40, 48)]):
         (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", size).save(tmp_path / "train" / "a" / f"{i}.png")
     ds = data.build_dataset("folder", tmp_path, "train")
-    with pytest.raises(data.DataError, match=r"2\.png is 40x48 and .*0\.png 32x32: drop --gpu-aug") as e:
-        data.build_device_loader(ds, data.byol_specs(32), MEAN, STD, 2, "cpu")
+    with pytest.raises(data.DataError, match=r"2\.png is 40x48 and .*0\.png 32x32: use --aug pil") as e:
+        data.build_train_loader(ds, data.byol_specs(32), MEAN, STD, 2, 0, "cpu", aug="batched")
     assert isinstance(e.value, SystemExit) and "\n" not in str(e.value)
+    loader = data.build_train_loader(ds, data.byol_specs(32), MEAN, STD, 2, 0, "cpu", aug="auto")
+    assert not isinstance(loader, data.DeviceLoader) and [v.shape[-1] for v in next(iter(loader))[0]] == [32, 32]
 
 
 def test_show_device_views(tmp_path):
-    """Catches `python data.py --show swav --gpu-aug` failing or drawing another grid than the PIL path's."""
+    """Catches `python data.py --show swav --aug batched` failing or drawing another grid than the PIL path's."""
     out = tmp_path / "v.png"
-    data.show("swav", out, rows=3, gpu_aug=True)
+    data.show("swav", out, rows=3, aug="batched")
     assert Image.open(out).size == (4 * (9 * 34 + 2), 4 * (3 * 34 + 2) + data.SHOW_HEADER)
 
 
-# ---- the training scripts' --gpu-aug ----
+# ---- the training scripts' default path (--aug auto: batched where the set fits) ----
 
 GPU_AUG_RUNS = {  # method: (its extra flags, the views it must train on at 16 px, small crops of 8 px)
     "simclr": (["--color-strength", "0.3"], lambda: [data.simclr_spec(16, strength=0.3)] * 2),
@@ -333,6 +337,8 @@ GPU_AUG_RUNS = {  # method: (its extra flags, the views it must train on at 16 p
     "byol": ([], lambda: list(data.byol_specs(16))),
     "swav": (["--color-strength", "0.3", "--num-small-crops", "2", "--small-crop-size", "8", "--num-prototypes", "32",
               "--queue", "0"], lambda: data.multicrop_specs(16, n_global=2, n_local=2, local_size=8, strength=0.3)),
+    "dino": (["--num-small-crops", "2", "--small-crop-size", "8", "--out-dim", "64", "--bottleneck-dim", "32"],
+             lambda: data.dino_specs(16, n_local=2, local_size=8)),
 }
 
 
@@ -342,11 +348,12 @@ GPU_AUG_RUNS = {  # method: (its extra flags, the views it must train on at 16 p
 @pytest.mark.needs_byol
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
+@pytest.mark.needs_dino
 @pytest.mark.parametrize("method", sorted(GPU_AUG_RUNS))
 def test_training_scripts_train_on_device_views(method, tiny_data, tmp_path, monkeypatch):
-    """Catches a method whose --gpu-aug is ignored (PIL views in loader workers after all), builds another
-    method's recipe or drops a recipe flag (--color-strength, the small crops), or whose epochs do not take
-    their batches from the device loader."""
+    """Catches a method whose default is not the batched path (PIL views in loader workers after all), that builds
+    another method's recipe or drops a recipe flag (--color-strength, the small crops), or whose epochs do not
+    take their batches from the device loader."""
     import importlib
     module = importlib.import_module(method)
     extra, make_specs = GPU_AUG_RUNS[method]
@@ -359,7 +366,7 @@ def test_training_scripts_train_on_device_views(method, tiny_data, tmp_path, mon
     monkeypatch.setattr(data, "build_loader", lambda *a, **k: pytest.fail("a PIL loader"))  # --knn-every 0
     module.main(["--dataset", "folder", "--data-dir", str(tiny_data), "--arch", "vit_mini", "--patch-size", "8",
                  "--img-size", "16", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "1", "--workers", "0",
-                 "--hidden-dim", "256", "--knn-every", "0", "--device", "cpu", "--gpu-aug",
+                 "--hidden-dim", "256", "--knn-every", "0", "--device", "cpu",
                  "--out", str(tmp_path), *extra])
     assert built == [want_specs]
     assert len(batches) == 200 // 64                                   # every step of the epoch, from the device
@@ -367,3 +374,90 @@ def test_training_scripts_train_on_device_views(method, tiny_data, tmp_path, mon
     assert [v.shape[-1] for v in views] == [s.size for s in want_specs] and labels.shape == (64,)
     log = read_log(tmp_path)  # the training epochs (the epoch-0 line is the untrained k-NN)
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.parametrize("flags, budget, path", [
+    ([], None, "batched"),                    # the default, where the set fits the budget
+    ([], 1000, "pil"),                        # the default, where it does not (the sample is 3 MB as uint8)
+    (["--aug", "pil"], None, "pil"),
+    (["--aug", "batched"], 1000, "batched"),  # an explicit choice is kept
+    (["--gpu-aug"], None, "batched"),         # the old name
+])
+def test_which_path_a_training_script_takes(flags, budget, path, tiny_data, tmp_path, monkeypatch, capsys):
+    """Catches --aug auto taking the batched path for a set over the budget (or PIL for one within it), an
+    explicit --aug overruled, --gpu-aug no longer meaning batched, or a run that does not say which path it took
+    and why."""
+    import simclr
+    if budget is not None:
+        monkeypatch.setattr(data, "BATCHED_BUDGET", budget)
+    taken = []
+    monkeypatch.setattr(data, "build_device_loader", lambda *a, real=data.build_device_loader, **k: (
+        taken.append("batched") or real(*a, **k)))
+    monkeypatch.setattr(data, "build_loader", lambda *a, real=data.build_loader, **k: (
+        taken.append("pil") or real(*a, **k)))
+    simclr.main(["--dataset", "folder", "--data-dir", str(tiny_data), "--arch", "vit_mini", "--patch-size", "8",
+                 "--img-size", "16", "--epochs", "1", "--batch-size", "100", "--warmup-epochs", "1", "--workers", "0",
+                 "--hidden-dim", "64", "--knn-every", "0", "--device", "cpu", "--out", str(tmp_path), *flags])
+    assert taken == [path]
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("augmentation:")]
+    assert len(said) == 1 and said[0].startswith(f"augmentation: {path} ("), said
+    assert ("budget" in said[0]) == ("--aug" not in " ".join(flags) and "--gpu-aug" not in flags)
+
+
+def folder_of(root, sizes):
+    for i, size in enumerate(sizes):
+        (root / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (i * 40 % 256, 7 * i % 256, 90)).save(root / "train" / f"c{i % 2}" / f"{i}.png")
+    return data.build_dataset("folder", root, "train")
+
+
+def test_decoded_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    """Catches a decode cache that is not written, not used by the next run (the files decoded again), or used
+    after a file changed (stale images trained on): the cached tensor against a fresh decode each time."""
+    ds = folder_of(tmp_path, [(8, 8)] * 6)
+    images, labels, how = data.decode_all(ds, workers=2)
+    assert (tmp_path / ".decoded-train.pt").exists() and "cached in" in how
+    fresh = torch.stack([v2.functional.pil_to_tensor(ds.loader(p)) for p, _ in ds.samples])
+    assert torch.equal(images, fresh) and labels.tolist() == ds.targets
+    real = data._decode_files
+    monkeypatch.setattr(data, "_decode_files", lambda *a, **k: pytest.fail("decoded again"))
+    again, labels2, how = data.decode_all(data.build_dataset("folder", tmp_path, "train"))
+    assert torch.equal(again, fresh) and labels2.tolist() == ds.targets and "loaded from" in how
+    monkeypatch.setattr(data, "_decode_files", real)
+    other = open(ds.samples[5][0], "rb").read()  # the same name and size, other pixels: only the time tells
+    assert len(other) == os.path.getsize(ds.samples[3][0]) and not torch.equal(fresh[3], fresh[5])
+    open(ds.samples[3][0], "wb").write(other)
+    changed, _, how = data.decode_all(data.build_dataset("folder", tmp_path, "train"))
+    assert "decoded" in how and torch.equal(changed[3], fresh[5])
+    (tmp_path / ".decoded-train.pt").write_bytes(b"not a cache")  # a broken cache is decoded past, then replaced
+    assert torch.equal(data.decode_all(data.build_dataset("folder", tmp_path, "train"))[0], changed)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("read-only file system")))
+    (tmp_path / ".decoded-train.pt").unlink()
+    _, _, how = data.decode_all(data.build_dataset("folder", tmp_path, "train"))
+    assert "not cached: read-only file system" in how  # a folder that cannot take the cache still trains
+
+
+def test_parallel_decode_keeps_the_order(tmp_path):
+    """Catches images decoded on threads stored out of order (an image under another's label): 1 thread and 3
+    against the files read one by one."""
+    ds = folder_of(tmp_path, [(8, 8)] * 40)
+    fresh = torch.stack([v2.functional.pil_to_tensor(ds.loader(p)) for p, _ in ds.samples])
+    for workers in (1, 3):
+        assert torch.equal(data.decode_all(ds, workers=workers, cache=False)[0], fresh)
+
+
+def test_choose_aug_budget_from_the_first_image(tmp_path):
+    """Catches the auto rule's size estimate wrong (not N x 3 x H x W bytes) or the comparison inverted."""
+    ds = folder_of(tmp_path, [(10, 6)] * 4)
+    assert data.decoded_bytes(ds) == 4 * 3 * 10 * 6
+    assert data.choose_aug("auto", ds, "cpu")[0] == "batched"
+    old = data.BATCHED_BUDGET
+    try:
+        data.BATCHED_BUDGET = 4 * 3 * 10 * 6 - 1
+        path, why = data.choose_aug("auto", ds, "cpu")
+        assert path == "pil" and "more than" in why
+        assert data.choose_aug("batched", ds, "cpu")[0] == "batched" and data.choose_aug("pil", ds, "cpu")[0] == "pil"
+    finally:
+        data.BATCHED_BUDGET = old

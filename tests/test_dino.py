@@ -251,10 +251,10 @@ class Spy:
 def spied_run(tmp_path_factory, tiny_data):
     """One run that several tests read: 4 epochs of 2 steps (batch 100), the teacher temperature warmed up from 0.04
     to 0.07 over the first 2 epochs (4 steps), --momentum 0.9; every dino_loss call and the multi-crop recipe recorded.
-    Returns (out folder, dino_loss calls, multicrop_specs' arguments and keyword arguments)."""
+    Returns (out folder, dino_loss calls, dino_specs' arguments and keyword arguments)."""
     out = tmp_path_factory.mktemp("spied_run")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        loss, specs = Spy(monkeypatch, dino, "dino_loss"), Spy(monkeypatch, data, "multicrop_specs")
+        loss, specs = Spy(monkeypatch, dino, "dino_loss"), Spy(monkeypatch, data, "dino_specs")
         dino.main(run_args(out, 4, "--batch-size", "100", "--teacher-temp", "0.07", "--warmup-teacher-temp-epochs",
                            "2", "--momentum", "0.9", data_dir=tiny_data))
     return out, loss.calls, (specs.calls[0], specs.kwargs[0])
@@ -320,14 +320,17 @@ def test_monitors_are_the_teachers_entropy_and_the_kl(spied_run):
 
 @pytest.mark.needs_dino
 def test_multicrop_recipe_reaches_student_and_teacher(spied_run, tmp_path, monkeypatch, tiny_data, capsys):
-    """Catches SwAV's crop areas instead of DINO's (global 0.4-1, small 0.05-0.4), small crops that never reach the
-    loss, and --num-small-crops 0 not turning multi-crop off or keeping the narrow global crops (the reference
-    README's 0.14-1 then); and a teacher-temperature warmup that is not shortened to a quarter of a run too short
-    for it (30 epochs of 2 here: 1 of 4 steps)."""
+    """Catches another recipe than DINO's (data.dino_specs: crop areas global 0.4-1, small 0.05-0.4, solarization of
+    the second global crop), small crops that never reach the loss, and --num-small-crops 0 not turning
+    multi-crop off or keeping the narrow global crops (the reference README's 0.14-1 then); and a
+    teacher-temperature warmup that is not shortened to a quarter of a run too short for it (30 epochs of 2
+    here: 1 of 4 steps)."""
     _, calls, (args, kwargs) = spied_run
-    assert [s.scale for s in data.multicrop_specs(*args, **kwargs)] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2
+    built = data.dino_specs(*args, **kwargs)
+    assert [s.scale for s in built] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2
+    assert [s.solarize_p for s in built] == [0.0, 0.2, 0.0, 0.0] and [s.size for s in built] == [16, 16, 8, 8]
     assert calls[0][0].shape == (4, 100, 64) and calls[0][1].shape == (2, 100, 64)
-    loss, specs = Spy(monkeypatch, dino, "dino_loss"), Spy(monkeypatch, data, "multicrop_specs")
+    loss, specs = Spy(monkeypatch, dino, "dino_loss"), Spy(monkeypatch, data, "dino_specs")
     dino.main(run_args(tmp_path, 2, "--batch-size", "100", "--num-small-crops", "0", "--teacher-temp", "0.07",
                        data_dir=tiny_data))
     assert [s.scale for s in specs.real(*specs.calls[0], **specs.kwargs[0])] == [(0.14, 1.0)] * 2
