@@ -24,7 +24,8 @@
   same images, with the views made on `device`.
 
 Why batched is the default: on the 2-core CPU of the README's benchmarks it trains every method faster end to end
-than PIL loader workers (`python benchmarks/aug_paths.py`), and on a GPU PIL workers cannot keep up at CIFAR sizes.
+than PIL loader workers (`python benchmarks/method_speed.py --sides ours,ours-pil`), and on a GPU PIL workers
+cannot keep up at CIFAR sizes.
 On the PIL path images are augmented as PIL images: at CIFAR's 32 px the PIL kernels beat the same
 torchvision.transforms.v2 ops on uint8 tensors (which spend their time in per-op overhead, hue above all) by
 about 1.2x on one core; `python benchmarks/augment_speed.py` measures it, and the batched path against both.
@@ -37,6 +38,7 @@ Look at what a method trains on (rows: images; columns: the original, then the v
     python data.py --show byol --out views.png --aug pil      # the PIL path's views (default: the batched path's)
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -693,8 +695,9 @@ def decode_all(dataset, workers=1, cache=True, show=False):
     """A training set of build_dataset (or a Subset of one), without its transform: uint8 (N, 3, H, W) and labels
     (N,), on the CPU, and a line saying where they came from. torchvision's arrays are in memory already; an
     ImageFolder's files are decoded once, in parallel, and kept (cache=True; not for a Subset) in
-    `.decoded-<split>.pt` beside its split folder: a later run loads that instead, unless a file was added, removed or changed since (its path,
-    size or modification time). A cache that cannot be written is skipped with a note."""
+    `.decoded-<split>.pt` beside its split folder: a later run loads that instead, unless a file was added,
+    removed or changed since (its path, size or modification time). A cache that cannot be written is skipped
+    with a note."""
     base, indices = _base(dataset)
     pick = (lambda t: t) if indices is None else (lambda t: t[torch.as_tensor(indices)])
     if isinstance(base, torchvision.datasets.CIFAR10):  # and CIFAR-100: (N, 32, 32, 3) uint8 in memory
@@ -720,13 +723,15 @@ def decode_all(dataset, workers=1, cache=True, show=False):
     images = _decode_files(samples, base.loader, workers, show)
     how = f"{len(samples):,} images decoded in {time.perf_counter() - t0:.1f} s on {max(1, workers)} threads"
     if cache:
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            tmp = f"{path}.{os.getpid()}.tmp"
             torch.save({"key": key, "images": images}, tmp)
             os.replace(tmp, path)  # whole or not at all, also when two processes write it
             how += f", cached in {path}"
-        except OSError as e:
+        except OSError as e:  # a read-only or full disk: train without the cache
             how += f" (not cached: {e})"
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
     return images, labels, how
 
 

@@ -33,7 +33,8 @@ small crops and at a quarter of the lr it is 1.1 points above (measurements: get
 
 Differences from the paper (and from the reference code, main_dino.py):
   - ViT (CLS token) on 32 px images instead of ViT-S/16 at 224 px; multi-crop 2x32 + 8x16 px instead of 2x224 +
-    8x96 px (the small side rounded to the patch grid). No stochastic depth (the reference student: 0.1).
+    8x96 px (the small side rounded to the patch grid), and no small crops by default where one would be fewer
+    than 4x4 patches (see --num-small-crops). No stochastic depth (the reference student: 0.1).
   - K = 4096 outputs instead of 65536 (see --out-dim), batch 512 on one GPU instead of 1024 on 16.
   - Teacher momentum 0.99 instead of 0.996: a CIFAR-10 epoch is 98 steps, not 1251 (see --momentum).
   - Teacher temperature 0.04 throughout, main_dino.py's default and 100-epoch recipe; the paper's longer runs
@@ -187,6 +188,12 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
+def default_small_crops(small_crop_size, patch_size):
+    """--num-small-crops when it is not given: the paper's 8 where a small crop is a grid of at least 4x4 patches
+    (the paper's 96 px crops are 6x6 patches of 16), else none (see --num-small-crops)."""
+    return 8 if small_crop_size // patch_size >= 4 else 0
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("DINO pretraining of a ViT", description=__doc__,
                                 formatter_class=data.HelpFormatter)
@@ -262,10 +269,11 @@ def get_args_parser():
     p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (paper: 0.4)")
     p.add_argument("--freeze-last-layer", type=int, default=1,
                    help="epochs at the start in which the head's last layer is not updated (paper: 1)")
-    p.add_argument("--num-small-crops", type=int, default=8,
+    p.add_argument("--num-small-crops", type=int, default=None,
                    help="small crops per image besides the 2 global ones (paper: 8); 0: no multi-crop (then the "
-                        "global crops cover 0.14-1 of the image). With 8 px patches a 16 px crop is 2x2 patches: "
-                        "there, 0 learned more here (k-NN 28.1 vs 26.9 after 2 epochs) at less than half the cost")
+                        "global crops cover 0.14-1 of the image). Default: 8 where a small crop is at least 4x4 "
+                        "patches (ViT-Tiny/4's 16 px crops), else 0: with vit_mini/8's 2x2-patch crops 0 learned "
+                        "more here (k-NN 28.1 vs 26.9 after 2 epochs) at less than half the cost")
     p.add_argument("--small-crop-size", type=int, default=16,
                    help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
                         "grid); a multiple of --patch-size")
@@ -386,6 +394,12 @@ def main(argv=None):
         if size % args.patch_size:
             raise SystemExit(f"error: {flag} {size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
+    if args.num_small_crops is None:
+        args.num_small_crops = default_small_crops(args.small_crop_size, args.patch_size)
+        if is_main and not args.num_small_crops:
+            side = args.small_crop_size // args.patch_size
+            print(f"note: no small crops: a {args.small_crop_size} px crop would be {side}x{side} patches of "
+                  f"{args.patch_size} px (--num-small-crops sets them)")
     args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")

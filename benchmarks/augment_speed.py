@@ -9,7 +9,7 @@ On CIFAR it is the augmentation that starves a GPU. The paths, all making the tw
               torchvision.io.decode_image (deprecated in torchvision 0.29 in favour of TorchCodec; it still
               works), torchvision's in-memory arrays taken as tensors
   pil xN      the pil path in a DataLoader of N worker processes, all cores
-  device      --gpu-aug: the images decoded once (not timed) into one uint8 (N, 3, H, W) tensor, views made in
+  device      --aug batched: the images decoded once (not timed) into one uint8 (N, 3, H, W) tensor, views made in
               batches by data.DeviceLoader, on the CPU with 1 thread and with all threads, and on CUDA when
               there is a GPU (there over the images repeated to --gpu-images, CIFAR-10's 50,000)
 Every repeat times every path, one after the other; a path's figure is the median over repeats of its rate and

@@ -49,7 +49,7 @@ def measure(method, size, patch, batch, a):
     """This process: one run of the method at one point; prints its figures as one JSON line."""
     run = SimpleNamespace(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, patch_size=patch, img_size=size,
                           batch_size=batch, workers=a.workers, device=a.device, warmup=a.warmup, steps=a.steps,
-                          cached=True)
+                          cached=True, small_crops=None)
     stats = {}
     rate = method_speed.run_ours(method, run, stats)
     print(json.dumps({"method": method, "size": size, "patch": patch, "batch": batch, "img_s": rate,

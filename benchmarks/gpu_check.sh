@@ -2,20 +2,20 @@
 # The GPU checks the issues ask for, as one script for a lent GPU machine (no network there):
 #   1. ViT training step vs timm on CUDA (bf16, SDPA), ViT-Tiny/4 at batch 512;
 #   2. augmentation alone: two-view images/s of the PIL path (one core, all cores) and the batched device path;
-#   3. every method on both data paths (PIL loader workers; --gpu-aug), ViT-Tiny/4 on all of CIFAR-10:
+#   3. every method on both data paths (--aug pil: PIL loader workers; --aug batched), ViT-Tiny/4 on all of CIFAR-10:
 #      seconds per epoch and img/s from each run's log, k-NN after the last epoch;
 #   4. the cost curve: img/s and memory of every method's step as image, patch and batch grow.
 # The machine has no network: pack CIFAR-10 as an ImageFolder tree (cifar10/{train,test}/<class>/*) beside the
 # repo first (git-ignored): tar czf .gpu/cifar10.tgz -C <folder holding your cifar10 ImageFolder tree> cifar10
 # then run it there with `.gpu` carried:   bash benchmarks/gpu_check.sh [EPOCHS] [METHODS] [PATHS]
-#   e.g. bash benchmarks/gpu_check.sh 2 "simclr moco byol swav" "pil gpu"     (results under $OUT)
+#   e.g. bash benchmarks/gpu_check.sh 2 "simclr moco byol swav dino" "pil batched"     (results under $OUT)
 # Budget: at 2 epochs the whole script is sized for about 10 minutes on one H100/H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 EPOCHS=${1:-2}
-METHODS=${2:-"simclr moco byol swav"}
-PATHS=${3:-"pil gpu"}
+METHODS=${2:-"simclr moco byol swav dino"}
+PATHS=${3:-"pil batched"}
 WORKERS=$(( $(nproc) - 2 ))
 mkdir -p "$OUT" .gpu/data
 [ -d .gpu/data/cifar10 ] || tar xzf .gpu/cifar10.tgz -C .gpu/data
@@ -25,7 +25,7 @@ python benchmarks/vit_speed.py --device cuda --batch-size 512 --steps 20 | tee "
 python benchmarks/augment_speed.py --dataset folder --data-dir "$DATA" --repeats 3 | tee "$OUT/augment_speed.txt"
 for m in $METHODS; do
     for path in $PATHS; do
-        flags=(--workers "$WORKERS"); [ "$path" = gpu ] && flags=(--gpu-aug)
+        flags=(--workers "$WORKERS" --aug "$path")
         python "$m.py" --dataset folder --data-dir "$DATA" --arch vit_tiny --patch-size 4 \
             --epochs "$EPOCHS" --warmup-epochs 1 --batch-size 512 "${flags[@]}" --knn-every "$EPOCHS" \
             --out "$OUT/${m}_$path" 2>&1 | grep -v "^$m [0-9]" | tee "$OUT/${m}_$path.txt"

@@ -37,8 +37,9 @@ What is the same on both sides: backbone shape (timm's ViT with our preset's wid
 the views of every backbone call batched the way our method file batches them (both views in one call; SwAV
 one call per crop size), heads called per view where ours are (MoCo's and BYOL's, so the BatchNorm statistics
 are per view), the head widths and layer counts of our defaults, the transforms' parameters (crop scales,
-colour strength, grayscale, solarization, no blur at 32 px, 2 x 32 + 6 x 16 px crops for SwAV), MoCo's and
-BYOL's momentum networks (ViT + projector, both views), SwAV's prototypes frozen for the first iterations.
+colour strength, grayscale, solarization, no blur at 32 px, 2 x 32 + 6 x 16 px crops for SwAV, 2 x 32 + 8 x 16
+px for DINO), MoCo's and BYOL's momentum networks (ViT + projector, both views), DINO's teacher (ViT + head,
+the global crops), SwAV's prototypes frozen for the first iterations.
 
 What differs and could not be made equal (read the ratio with these in mind):
   - backbone: ours is vit.py (fixed sin-cos position embedding, not trained), lightly's side timm's (learned
@@ -181,11 +182,18 @@ def subset(dataset, n):
 
 # ---- ours: the method file's own step ----
 
+PAPER_SMALL_CROPS = {"swav": 6, "dino": 8}  # what the files use where a small crop is at least 4x4 patches
+
+
 def ours_args(method, a):
-    """The method's args as its command line would give them: its defaults, our size, data and loader."""
+    """The method's args as its command line would give them: its defaults, our size, data and loader; SwAV and
+    DINO with their papers' small crops at half the side (--small-crops), whatever the patch grid."""
+    multicrop = [] if method not in PAPER_SMALL_CROPS else [
+        "--small-crop-size", str(a.img_size // 2),
+        "--num-small-crops", str(PAPER_SMALL_CROPS[method] if a.small_crops is None else a.small_crops)]
     return MODULES[method].get_args_parser().parse_args([
         "--dataset", a.dataset, "--data-dir", a.data_dir, "--arch", a.arch, "--patch-size", str(a.patch_size),
-        "--img-size", str(a.img_size), *(["--small-crop-size", str(a.img_size // 2)] if method in ("swav", "dino") else []),
+        "--img-size", str(a.img_size), *multicrop,
         "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--device", a.device,
         "--precision", "bf16" if a.device.startswith("cuda") else "fp32", "--knn-every", "0"])
 
@@ -489,6 +497,8 @@ def main(argv=None):
     p.add_argument("--patch-size", type=int, default=None, help="default: 8 for vit_mini, 4 for vit_tiny")
     p.add_argument("--img-size", type=int, default=32, help="crop size (SwAV's small crops: half of it)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--small-crops", type=int, default=None,
+                   help="SwAV's and DINO's small crops per image (default: the papers' 6 and 8)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both sides")
@@ -504,9 +514,13 @@ def main(argv=None):
     p.add_argument("--sides", default="ours,lightly",
                    help="comma-separated, from: ours (the method file with its default data path, --aug auto), "
                         "ours-pil (the same with --aug pil: PIL in loader workers), lightly; default: %(default)s")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the training process (default: torch's, one per core)")
     p.add_argument("--profile", action="store_true", help="one profiled run per side instead of the benchmark")
     a = p.parse_args(argv)
     a.patch_size = a.patch_size or DEFAULT_PATCH[a.arch]
+    if a.threads:
+        torch.set_num_threads(a.threads)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in MODULES]
     if unknown:

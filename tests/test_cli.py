@@ -171,3 +171,31 @@ def test_precision_auto_is_bf16_where_the_gpu_has_it_else_fp16(bf16, monkeypatch
     assert eval_linear.resolve_precision("auto", torch.device("cpu")) == "fp32"
     for method in METHODS:
         assert importlib.import_module(method).get_args_parser().get_default("precision") == "auto", method
+
+
+@pytest.mark.parametrize("method, paper", [("swav", 6), ("dino", 8)])
+def test_small_crops_by_default_only_where_they_are_4x4_patches(method, paper, tiny_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Catches the papers' small crops by default on a grid too coarse for them (vit_mini/8's 16 px crops are 2x2
+    patches: they cost SwAV 3.5 k-NN points in the README's CPU protocol), none where they are 4x4 patches or more
+    (ViT-Tiny/4's 16 px crops, the files' default arch), an explicit --num-small-crops overruled, or a run that
+    does not say it dropped them."""
+    if method not in METHODS:
+        pytest.skip(f"{method}.py is not here")
+    module = importlib.import_module(method)
+    sizes = ((16, 8), (16, 4), (24, 8), (32, 8), (12, 4))
+    assert [module.default_small_crops(c, p) for c, p in sizes] == [0, paper, 0, paper, 0]
+
+    class Stop(Exception):
+        pass
+
+    views = []
+    monkeypatch.setattr(data, "build_train_loader", lambda dataset, specs, *a, **k: views.append(len(specs)) or (
+        _ for _ in ()).throw(Stop()))
+    argv = [*TINY, "--data-dir", tiny_data, "--img-size", "32", "--small-crop-size", "16", "--out", str(tmp_path)]
+    for extra in ([], ["--num-small-crops", "3"], ["--patch-size", "4"]):
+        with pytest.raises(Stop):
+            module.main(argv + extra)
+    assert views == [2, 5, 2 + paper]
+    out = capsys.readouterr().out
+    assert out.count("note: no small crops: a 16 px crop would be 2x2 patches of 8 px") == 1
