@@ -16,8 +16,8 @@
 - `build_train_loader(dataset, specs, ..., aug)`: every training script's loader, by its --aug: "batched"
   (`build_device_loader`), "pil" (`build_loader`), or "auto" (the default: batched where the decoded set fits
   BATCHED_BUDGET, 2 GB, and its images have one size; PIL workers for larger sets such as ImageNet). It prints
-  which path a run takes and why. A folder's images are decoded on --workers threads, once: `decode_all` keeps
-  them in `.decoded-<split>.pt` beside the split folder for the next run, and decodes again when a file changes.
+  which path a run takes and why. A folder's images are decoded once: `decode_all` keeps them in
+  `.decoded-<split>.pt` beside the split folder for the next run, and decodes again when a file changes.
 - `build_loader(dataset, batch_size, workers, train, seed)`: per-image augmentation seeds, the shuffle
   (a DistributedSampler, one replica in one process), drop_last; `set_epoch(loader, epoch)` every epoch.
   `build_device_loader(dataset, specs, mean, std, batch_size, device, seed)` yields the same batches of the
@@ -694,7 +694,7 @@ def _decode_files(samples, loader, workers, show):
 def decode_all(dataset, workers=1, cache=True, show=False):
     """A training set of build_dataset (or a Subset of one), without its transform: uint8 (N, 3, H, W) and labels
     (N,), on the CPU, and a line saying where they came from. torchvision's arrays are in memory already; an
-    ImageFolder's files are decoded once, in parallel, and kept (cache=True; not for a Subset) in
+    ImageFolder's files are decoded once (on `workers` threads), and kept (cache=True; not for a Subset) in
     `.decoded-<split>.pt` beside its split folder: a later run loads that instead, unless a file was added,
     removed or changed since (its path, size or modification time). A cache that cannot be written is skipped
     with a note."""
@@ -721,7 +721,9 @@ def decode_all(dataset, workers=1, cache=True, show=False):
         except Exception:  # a truncated or foreign file: decode again and replace it
             pass
     images = _decode_files(samples, base.loader, workers, show)
-    how = f"{len(samples):,} images decoded in {time.perf_counter() - t0:.1f} s on {max(1, workers)} threads"
+    threads = max(1, workers)
+    seconds = time.perf_counter() - t0
+    how = f"{len(samples):,} images decoded in {seconds:.1f} s on {threads} thread{'s' * (threads > 1)}"
     if cache:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
@@ -767,7 +769,9 @@ def build_train_loader(dataset, specs, mean, std, batch_size, workers, device, s
     path, why = choose_aug(aug, dataset, device)
     if path == "batched":
         try:
-            loader = build_device_loader(dataset, specs, mean, std, batch_size, device, seed, workers, announce)
+            # decoded on one thread: at CIFAR's size more do not help (50,000 JPEGs on the README's 2-core CPU:
+            # 21.1 s on 1 thread, 23.7 s on 2, 27.2 s on 4; PIL holds the GIL for most of a 32 px image)
+            loader = build_device_loader(dataset, specs, mean, std, batch_size, device, seed, 1, announce)
             why += f"; {loader.decoded}"
         except MixedSizes as e:
             if aug == "batched":
