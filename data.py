@@ -258,14 +258,16 @@ def multicrop_specs(img_size, n_global=2, n_local=6, local_size=None, global_sca
     return [crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local
 
 
-def dino_specs(img_size, n_local=8, local_size=None, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+def dino_specs(img_size, n_local=8, local_size=None, global_scale=None, local_scale=(0.05, 0.4)):
     """DINO (Caron et al. 2021, arXiv:2104.14294) App. / main_dino.py's DataAugmentationDINO: BYOL's asymmetric
     pair as the two global crops (blur p 1.0 / 0.1, solarization p 0 / 0.2; bicubic, flip, jitter (0.4, 0.4,
-    0.2, 0.1) p 0.8, grayscale p 0.2), of area global_scale (0.4-1) instead of 0.08-1, then n_local small
-    crops at local_size (default img_size // 2) of area local_scale (0.05-0.4), each with blur p 0.5 and the
-    same flip, jitter and grayscale. The paper's 2x224 + 8x96 is dino_specs(224, local_size=96). Blur only from
-    64 px, as in every recipe here."""
+    0.2, 0.1) p 0.8, grayscale p 0.2), of area global_scale instead of 0.08-1, then n_local small crops at
+    local_size (default img_size // 2) of area local_scale (0.05-0.4), each with blur p 0.5 and the same flip,
+    jitter and grayscale. global_scale defaults to main_dino.py's 0.4-1 with small crops and to 0.14-1 without
+    them (the reference README's advice for a run without multi-crop). The paper's 2x224 + 8x96 is
+    dino_specs(224, local_size=96). Blur only from 64 px, as in every recipe here."""
     local_size = local_size or img_size // 2
+    global_scale = global_scale or ((0.4, 1.0) if n_local else (0.14, 1.0))
     global1, global2 = (dataclasses.replace(v, scale=global_scale) for v in byol_specs(img_size))
     small = dataclasses.replace(global1, size=local_size, scale=local_scale, blur_p=0.5 if local_size >= 64 else 0.0,
                                 blur_kernel=_blur_kernel(local_size))
@@ -669,9 +671,10 @@ def _files_key(samples, classes):
     return h.hexdigest()
 
 
-def _decode_files(samples, loader, workers, show):
-    """uint8 (N, 3, H, W) of the files, read by `loader` (PIL, converted to RGB) on `workers` threads (PIL's
-    decoders let go of the GIL), with a progress bar; MixedSizes if they are not all one size."""
+def _decode_files(samples, loader, threads, show):
+    """uint8 (N, 3, H, W) of the files, read by `loader` (PIL, converted to RGB) on `threads` threads (they help
+    only where PIL lets go of the GIL for long: not for CIFAR's 32 px JPEGs), with a progress bar; MixedSizes if
+    they are not all one size."""
     def read(path):
         try:
             return v2.functional.pil_to_tensor(loader(path))                              # (3, H, W) uint8
@@ -679,7 +682,7 @@ def _decode_files(samples, loader, workers, show):
             raise _unreadable(e) from None
     first = read(samples[0][0])
     images = torch.empty((len(samples), *first.shape), dtype=torch.uint8)
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(samples), desc="decoding", unit="img",
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(samples), desc="decoding", unit="img",
                                                            disable=not show, leave=False) as bar:
         for i, (x, (path, _)) in enumerate(zip(pool.map(read, [p for p, _ in samples], chunksize=256), samples)):
             if x.shape != first.shape:
@@ -720,8 +723,8 @@ def decode_all(dataset, workers=1, cache=True, show=False):
                                                 f"in {time.perf_counter() - t0:.1f} s"
         except Exception:  # a truncated or foreign file: decode again and replace it
             pass
-    images = _decode_files(samples, base.loader, workers, show)
     threads = max(1, workers)
+    images = _decode_files(samples, base.loader, threads, show)
     seconds = time.perf_counter() - t0
     how = f"{len(samples):,} images decoded in {seconds:.1f} s on {threads} thread{'s' * (threads > 1)}"
     if cache:

@@ -420,11 +420,9 @@ def main(argv=None):
     # ---- data ----
     mean, std = data.MEAN_STD[args.dataset]
     train_split = "train+unlabeled" if args.dataset == "stl10" else "train"
-    # DINO's multi-crop (main_dino.py): BYOL's asymmetric pair as global crops, then the small crops; without small
-    # crops the global ones cover 0.14-1 of the image instead of 0.4-1, the reference README's advice
-    global_scale = (0.4 if args.num_small_crops else 0.14, 1.0)
-    specs = data.dino_specs(args.img_size, n_local=args.num_small_crops, local_size=args.small_crop_size,
-                            global_scale=global_scale)
+    # DINO's multi-crop (main_dino.py): BYOL's asymmetric pair as global crops, then the small crops (without small
+    # crops the global ones cover 0.14-1 of the image instead of 0.4-1, the reference README's advice)
+    specs = data.dino_specs(args.img_size, n_local=args.num_small_crops, local_size=args.small_crop_size)
     train_set = data.build_dataset(args.dataset, args.data_dir, train_split, download=args.download)
     # the views made a batch at a time on the device, or per image by PIL in loader workers (--aug)
     loader = data.build_train_loader(train_set, specs, mean, std, args.batch_size // world, args.workers, device,

@@ -207,8 +207,7 @@ def ours_specs(method, args):
     if method == "swav":
         return data.multicrop_specs(args.img_size, n_global=2, n_local=args.num_small_crops,
                                     local_size=args.small_crop_size, strength=args.color_strength)
-    return data.dino_specs(args.img_size, n_local=args.num_small_crops, local_size=args.small_crop_size,
-                           global_scale=(0.4 if args.num_small_crops else 0.14, 1.0))
+    return data.dino_specs(args.img_size, n_local=args.num_small_crops, local_size=args.small_crop_size)
 
 
 def ours_model(method, args):
