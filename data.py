@@ -313,10 +313,15 @@ def multicrop_transform(img_size, mean, std, n_global=2, n_local=6, local_size=N
                      mean, std)
 
 
+def finetune_spec(img_size):
+    """Supervised fine-tuning's one view: random resized crop (area 20-100%, MoCo v2's crop) and flip, nothing
+    else (eval_linear.finetune, the supervised baseline)."""
+    return ViewSpec(img_size, scale=(0.2, 1.0))
+
+
 def finetune_transform(img_size, mean, std):
-    """Supervised fine-tuning: random resized crop (area 20-100%, MoCo v2's crop) and flip, nothing else."""
-    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(p=0.5),
-                       *_to_normalized(mean, std)])
+    """finetune_spec as a PIL transform."""
+    return pil_transform(finetune_spec(img_size), mean, std)
 
 
 def eval_transform(img_size, mean, std):

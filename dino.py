@@ -105,10 +105,11 @@ def update_center(center, teacher, momentum, distributed=False):
 class DINOHead(nn.Module):
     """The reference DINOHead (vision_transformer.py) as used with ViTs, no BatchNorm:
     Linear (2048) - GELU - Linear (2048) - GELU - Linear (256), L2-normalized, then a weight-normalized Linear to K
-    without bias whose norm g is fixed at 1 (the reference's weight_norm with weight_g frozen, --norm_last_layer):
-    each of its K rows divided by its own length, so the logits are cosines in [-1, 1]."""
+    without bias, w = g v / |v| per row. With norm_last_layer (the reference's default: weight_norm with weight_g
+    frozen) g is fixed at 1, so the logits are cosines in [-1, 1]; without it (the reference's choice for ViT-S)
+    each row's length g is learned from 1, and the logits may grow past 1."""
 
-    def __init__(self, in_dim, hidden_dim, bottleneck_dim, out_dim):
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, out_dim, norm_last_layer=True):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
                                  nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
@@ -117,18 +118,22 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)  # v; the layer uses v / |v| per row
+        self.last_layer_g = None if norm_last_layer else nn.Parameter(torch.ones(out_dim, 1))  # g, learned
 
     def forward(self, x):                                                  # (N, D)
         x = F.normalize(self.mlp(x), dim=-1)                               # (N, bottleneck) on the unit sphere
-        return x @ F.normalize(self.last_layer.weight, dim=1).T            # (N, K) g = 1: w = v / |v|
+        w = F.normalize(self.last_layer.weight, dim=1)                     # (K, bottleneck) v / |v|
+        if self.last_layer_g is not None:
+            w = self.last_layer_g * w                                      # g v / |v|
+        return x @ w.T                                                     # (N, K)
 
 
 class DINO(nn.Module):
-    def __init__(self, backbone, hidden_dim, bottleneck_dim, out_dim):
+    def __init__(self, backbone, hidden_dim, bottleneck_dim, out_dim, norm_last_layer=True):
         super().__init__()
         # student g_theta_s: backbone + head, trained by the loss
         self.backbone = backbone
-        self.head = DINOHead(backbone.embed_dim, hidden_dim, bottleneck_dim, out_dim)
+        self.head = DINOHead(backbone.embed_dim, hidden_dim, bottleneck_dim, out_dim, norm_last_layer)
         # teacher g_theta_t: a copy, trained only by the moving average (the reference starts them equal)
         self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
@@ -255,6 +260,7 @@ def get_args_parser():
     #   momentum 0.99, K 1024: 29.76 (teacher_entropy 6.37 of ln K 6.93)
     #   momentum 0.99, 10 epochs (390 steps): 30.36 after epoch 5, 31.01 after 10; the loss stays near 8.06 and
     #     teacher_entropy near 7.71 from epoch 4 on, kl 0.34: slow, not stuck
+    #   momentum 0.99, --no-norm-last-layer: 29.78 (g moves little in 195 steps); --freeze-last-layer 0: 29.77
     p.add_argument("--momentum", type=float, default=0.99,
                    help="the teacher's EMA weight at the start, raised to 1 by a half cosine (paper: 0.996 at 1251 "
                         "steps an epoch; a CIFAR-10 epoch at batch 512 is 98 steps, and a teacher that averages over "
@@ -263,6 +269,9 @@ def get_args_parser():
     p.add_argument("--bottleneck-dim", type=int, default=256, help="head bottleneck, L2-normalized (paper: 256)")
     p.add_argument("--out-dim", type=int, default=4096,
                    help="K, the head's outputs (paper: 65536 on ImageNet; CIFAR configs use 4096, solo-learn's)")
+    p.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="fix the length of each of the last layer's K rows at 1 (main_dino.py's default); "
+                        "--no-norm-last-layer learns it, the reference's setting for ViT-S")
     p.add_argument("--teacher-temp", type=float, default=0.04,
                    help="teacher temperature after the warmup: below the student's, it sharpens (main_dino.py's "
                         "default and its 100-epoch ViT-S recipe: 0.04; the paper's longer runs: 0.07 after a warmup "
@@ -335,7 +344,9 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if epoch < args.freeze_last_layer:
-            model.head.last_layer.weight.grad = None  # AdamW skips a parameter without gradient: no decay either
+            for p in (model.head.last_layer.weight, model.head.last_layer_g):  # (g: None when fixed at 1)
+                if p is not None:
+                    p.grad = None  # AdamW skips a parameter without gradient: no decay either
         scaler.unscale_(optimizer)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
         embed_std = F.normalize(h[:2 * B].detach().float(), dim=1).std(dim=0).mean()  # global crops' CLS
@@ -439,7 +450,7 @@ def main(argv=None):
     # ---- model ----
     backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
                                     freeze_patch_embed=args.freeze_patch_embed)
-    model = DINO(backbone, args.hidden_dim, args.bottleneck_dim, args.out_dim).to(device)
+    model = DINO(backbone, args.hidden_dim, args.bottleneck_dim, args.out_dim, args.norm_last_layer).to(device)
     ddp_model = model
     if distributed:  # no BatchNorm anywhere (ViT, BN-free head): nothing to convert to SyncBatchNorm
         device_ids = None if device.index is None else [device.index]

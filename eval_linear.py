@@ -222,7 +222,8 @@ def finetune(backbone, train_loader, test_loader, num_classes, epochs, lr, devic
     pretraining only); a sin-cos position embedding stays the fixed function it is. AdamW (weight decay 0.05
     on weights, none on norms, biases, CLS token and position embedding, as DeiT/MAE), linear warmup over
     the first 5% of steps then cosine (MAE's FINETUNE.md: 5 of 100 epochs), bf16 on CUDA. The caller's
-    backbone is not modified. `train_loader` should augment (random resized crop + flip).
+    backbone is not modified. `train_loader` should augment (random resized crop + flip: data.finetune_spec)
+    and yield (images, labels), or ([images], labels) as data.build_train_loader does with one view.
     """
     device = torch.device(device)
     head = nn.Linear(backbone.embed_dim, num_classes)
@@ -247,6 +248,7 @@ def finetune(backbone, train_loader, test_loader, num_classes, epochs, lr, devic
         for images, labels in bar:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, lr, warmup_steps)
+            images = images[0] if isinstance(images, (list, tuple)) else images  # (B, C, H, W): the one view
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(images)                                            # (B, C)
@@ -404,6 +406,10 @@ def get_args_parser():
     g.add_argument("--finetune-lr", type=float, default=5e-4,
                    help="fine-tuning peak AdamW learning rate per 256 images (MAE's base lr 5e-4): the run uses "
                         "finetune-lr * batch-size / 256")
+    g.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
+                   help="how fine-tuning's views are made, as in the training scripts: batched on the device from "
+                        "the train split decoded once, or pil in --workers processes; auto: batched where it fits "
+                        "(default: %(default)s)")
     g.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="hold out a fraction F of every class of the train split (--seed) and report accuracy on "
                         "it instead of the test split: choose probe or fine-tuning settings with this, then "
@@ -508,16 +514,16 @@ def main(argv=None):
             train_set = data.build_dataset(dataset, data_dir, "train", transform=tf, download=args.download)
             test_set = data.build_dataset(dataset, data_dir, "test", transform=tf, download=args.download)
             num_classes = data.num_classes(train_set)
-            aug_set = None
-            if args.finetune:
-                aug_set = data.build_dataset(dataset, data_dir, "train",
-                                             transform=data.finetune_transform(img_size, *mean_std))
+            # fine-tuning's views: batched on the device or PIL in workers (data.build_train_loader, --aug)
+            aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None
             if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
                 labels = getattr(train_set, "targets", None) or train_set.labels
                 train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
                 train_set, test_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
                 aug_set = aug_set and Subset(aug_set, train_idx)
-            aug = aug_set and data.build_loader(aug_set, args.batch_size, args.workers, train=True, seed=args.seed)
+            aug = aug_set and data.build_train_loader(aug_set, [data.finetune_spec(img_size)], *mean_std,
+                                                      args.batch_size, args.workers, device, seed=args.seed,
+                                                      aug=args.aug, announce=True)
             loaders[img_size, mean_std] = (data.build_loader(train_set, args.batch_size, args.workers, train=False),
                                            data.build_loader(test_set, args.batch_size, args.workers, train=False),
                                            aug, num_classes)

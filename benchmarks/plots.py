@@ -5,8 +5,11 @@
 
   curves.png      k-NN top-1 (the runs' own monitor) and loss against epoch, every method, from their log.jsonl
   attention.png   the last block's CLS attention (mean over heads) of every network on the same test images
+  attention_heads.png   the same attention head by head (DINO's Fig. 3), of the DINO network (else the first method's)
   pca.png         the first two principal components of every network's test features, coloured by class
   views_<m>.png   what each method trains on (data.show: the original, then its views)
+  seeds.png       the headline columns seed by seed, with mean ± std: which differences are larger than the seeds'
+                  (from headline.json, which study.py writes; an older study folder has none: skipped)
 
 Needs matplotlib (`pip install matplotlib`, in requirements-dev.txt); training and evaluation never do.
 Small PNGs (< 200 KB): low dpi, few images, points rather than markers.
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 
 import torch
@@ -32,6 +36,10 @@ DPI = 80
 
 class NoMatplotlib(RuntimeError):
     pass
+
+
+class NoFigure(Exception):
+    """A figure whose input the study folder does not have: make_figures notes it and draws the others."""
 
 
 def pyplot():
@@ -127,15 +135,34 @@ def load(ckpt):
     return backbone, meta["vit_kwargs"]["img_size"], mean_std
 
 
-def attention_maps(backbone, x):
+def attention_maps(backbone, x, per_head=False):
     """The last block's CLS-to-patch attention of images x (B, 3, S, S), averaged over the heads and renormalized
     over the N patches, in units of the uniform share 1/N (1 everywhere: a network that looks everywhere alike),
-    each patch's value repeated over its p x p pixels (nearest neighbour: the patches stay patches): (B, S, S)."""
-    attn = backbone.get_last_selfattention(x).mean(1)                                   # (B, N)
-    attn = attn / attn.sum(1, keepdim=True) * attn.shape[1]                              # (B, N), mean 1
+    each patch's value repeated over its p x p pixels (nearest neighbour: the patches stay patches): (B, S, S).
+    per_head=True: every head's map on its own, each renormalized the same way (mean 1 over its patches): (B, H, S, S).
+    (Their mean over heads is not the averaged map: each head keeps a different share on the CLS token itself.)"""
+    attn = backbone.get_last_selfattention(x)                                           # (B, H, N)
+    if not per_head:
+        attn = attn.mean(1, keepdim=True)                                               # (B, 1, N)
+    attn = attn / attn.sum(-1, keepdim=True) * attn.shape[-1]                            # (B, H or 1, N), mean 1
     p = backbone.patch_size
     g = x.shape[-1] // p
-    return attn.reshape(-1, g, g).repeat_interleave(p, 1).repeat_interleave(p, 2)      # (B, S, S)
+    maps = attn.reshape(*attn.shape[:2], g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (B, H or 1, S, S)
+    return maps if per_head else maps[:, 0]
+
+
+def colour_scale(maps):
+    """One colour scale, 0 to vmax, for a figure of attention maps (units of the uniform share), so that the colours
+    compare across maps: vmax is the 99th percentile (at least 2), so that the top 1% of patches (a network staring
+    at one patch) saturate rather than darken every other map. Returns vmax and the colour bar's `extend`."""
+    vmax = max(2.0, float(maps.quantile(0.99)))
+    return vmax, "max" if maps.max() > vmax else "neither"
+
+
+def colour_bar(fig, shown, cax, extend):
+    bar = fig.colorbar(shown, cax=cax, extend=extend)
+    bar.set_label("attention / uniform share (1/N)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 @torch.no_grad()
@@ -152,10 +179,7 @@ def attention(study, out, n_images=5):
         backbone, size, mean_std = load(ckpt)
         x = torch.stack([data.eval_transform(size, *mean_std)(img) for img, _ in images])       # (B, 3, S, S)
         maps[model] = attention_maps(backbone, x)                                              # (B, S, S)
-    # one scale: the colours compare across networks; the top 1% of patches (a network staring at one patch)
-    # saturate rather than darken every other map
-    values = torch.cat([m.flatten() for m in maps.values()]) if maps else torch.ones(1)
-    vmax = max(2.0, float(values.quantile(0.99)))
+    vmax, extend = colour_scale(torch.cat([m.flatten() for m in maps.values()]) if maps else torch.ones(1))
     rows, cols = 1 + len(nets), len(images)
     fig = plt.figure(figsize=(1.3 * cols + 0.6, 1.3 * rows), dpi=DPI)
     grid = fig.add_gridspec(rows, cols + 1, width_ratios=[1] * cols + [0.08])
@@ -174,10 +198,49 @@ def attention(study, out, n_images=5):
             if j == 0:
                 ax.set_ylabel("image" if model is None else LABELS[model], fontsize=8)
     if maps:
-        bar = fig.colorbar(shown, cax=fig.add_subplot(grid[1:, -1]), extend="max" if values.max() > vmax else "neither")
-        bar.set_label("attention / uniform share (1/N)", fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        colour_bar(fig, shown, fig.add_subplot(grid[1:, -1]), extend)
     fig.suptitle("last block, CLS attention per patch (mean over heads)", fontsize=9)
+    fig.tight_layout()
+    save(fig, out)
+
+
+@torch.no_grad()
+def attention_heads(study, out, n_images=3):
+    """DINO's Fig. 3: the last block's CLS-to-patch attention of every head on its own (attention_maps with
+    per_head=True: each head in units of its uniform share), of the study's seed-0 DINO network trained on all
+    classes, else of its first method network in the study's order (the title names the network). Rows: n_images
+    test images; columns: the image, then one map per head, drawn patch by patch on one colour scale with its colour
+    bar. Where DINO's heads split the object into parts, each head's map shows a different one.
+    Raises NoFigure when the study has no method network."""
+    plt = pyplot()
+    nets = dict(networks(study))
+    model = "dino" if "dino" in nets else next((m for m in study["methods"] if m in nets), None)
+    if model is None:
+        raise NoFigure("the study has no self-supervised network")
+    backbone, size, mean_std = load(nets[model])
+    images, classes = pick_test_images(study, n_images)
+    x = torch.stack([data.eval_transform(size, *mean_std)(img) for img, _ in images])           # (B, 3, S, S)
+    maps = attention_maps(backbone, x, per_head=True)                                          # (B, H, S, S)
+    vmax, extend = colour_scale(maps)
+    rows, heads = len(images), maps.shape[1]
+    fig = plt.figure(figsize=(1.3 * (1 + heads) + 0.6, 1.3 * rows + 0.3), dpi=DPI)
+    grid = fig.add_gridspec(rows, heads + 2, width_ratios=[1] * (1 + heads) + [0.08])
+    side = study["cfg"]["img_size"]
+    for i, (img, label) in enumerate(images):
+        for j in range(1 + heads):  # column 0: the image; j: head j
+            ax = fig.add_subplot(grid[i, j])
+            if j == 0:
+                ax.imshow(img.resize((side, side)), interpolation="nearest")
+                ax.set_ylabel(classes[label], fontsize=8)
+            else:
+                shown = ax.imshow(maps[i, j - 1].numpy(), cmap="inferno", vmin=0.0, vmax=vmax,
+                                  interpolation="nearest")
+            if i == 0:
+                ax.set_title("image" if j == 0 else f"head {j}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    colour_bar(fig, shown, fig.add_subplot(grid[:, -1]), extend)
+    fig.suptitle(f"{LABELS[model]} (seed 0): last block, CLS attention of each head", fontsize=9)
     fig.tight_layout()
     save(fig, out)
 
@@ -217,6 +280,53 @@ def pca(study, out, n_points=1000):
     save(fig, out)
 
 
+def seeds(study_dir, out):
+    """The headline columns seed by seed, so that a reader sees which differences are larger than the spread of
+    seeds: one panel per column, the models on the y axis in the file's order (top to bottom), each seed's top-1 a
+    dot, the mean a vertical tick, and with two seeds or more a bar of mean ± sample std (the table's ±).
+    Reads <study_dir>/headline.json, which study.py writes:
+        {"columns": [column, ...], "models": [model, ...],
+         "values": {model: {column: {seed (a string): top-1 in %}}}}
+    where a model may lack a column or a seed, or have no values at all (nothing drawn in its row).
+    Raises NoFigure without that file (study folders older than it)."""
+    path = os.path.join(study_dir, "headline.json")
+    if not os.path.exists(path):
+        raise NoFigure(f"no {path} (a study folder older than this figure)")
+    with open(path) as f:
+        headline = json.load(f)
+    plt = pyplot()
+    columns, models = headline["columns"], headline["models"]
+    cols = min(3, len(columns))
+    rows = -(-len(columns) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1.0, (0.25 * len(models) + 0.8) * rows + 0.4),
+                             dpi=DPI, squeeze=False, sharey=True)
+    for k, column in enumerate(columns):
+        ax = axes[k // cols, k % cols]
+        for y, m in enumerate(models):
+            values = list(headline["values"].get(m, {}).get(column, {}).values())
+            if not values:
+                continue
+            colour = COLOURS.get(m, "grey" if m == "random" else "black")  # the baselines in grey and black
+            mean = statistics.mean(values)
+            ax.plot(values, [y] * len(values), "o", ms=3, color=colour, alpha=0.6)
+            ax.plot([mean], [y], marker="|", ms=9, mew=1.5, color=colour)
+            if len(values) >= 2:
+                std = statistics.stdev(values)  # sample std (n - 1), as the table's
+                ax.plot([mean - std, mean + std], [y, y], lw=1.5, color=colour)
+        ax.set_title(column, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+        if k // cols == rows - 1:
+            ax.set_xlabel("top-1 (%)", fontsize=8)
+    axes[0, 0].set_yticks(range(len(models)), [LABELS[m] for m in models])
+    axes[0, 0].set_ylim(len(models) - 0.5, -0.5)  # the first model at the top
+    for k in range(len(columns), rows * cols):
+        axes[k // cols, k % cols].axis("off")
+    fig.suptitle("headline columns over seeds: each dot a seed; bar: mean ± std", fontsize=9)
+    fig.tight_layout()
+    save(fig, out)
+
+
 def views(study, outdir):
     """data.show for every method: 4 training images, each as the eval transform sees it, then the method's views."""
     paths = []
@@ -237,16 +347,24 @@ def read_results(study):
 
 
 def make_figures(study_dir, docs=False):
-    """Every figure of a study folder into <study_dir>/figures/ (and docs/ with docs=True). Returns the paths."""
+    """Every figure of a study folder into <study_dir>/figures/ (and docs/ with docs=True), but those whose input the
+    folder lacks (NoFigure): a one-line note each instead. Returns the paths of the figures drawn."""
     pyplot()  # fail before any work if matplotlib is missing
     with open(os.path.join(study_dir, "study.json")) as f:
         study = json.load(f)
     outdir = os.path.join(study_dir, "figures")
     os.makedirs(outdir, exist_ok=True)
     paths = []
-    for name, draw in (("curves", curves), ("attention", attention), ("pca", pca)):
-        paths.append(os.path.join(outdir, f"{name}.png"))
-        draw(study, paths[-1])
+    for name, draw, source in (("curves", curves, study), ("attention", attention, study),
+                               ("attention_heads", attention_heads, study), ("pca", pca, study),
+                               ("seeds", seeds, study_dir)):
+        path = os.path.join(outdir, f"{name}.png")
+        try:
+            draw(source, path)
+        except NoFigure as e:
+            print(f"[plots] {name}.png skipped: {e}")
+            continue
+        paths.append(path)
     paths += views(study, outdir)
     for p in paths:
         print(f"[plots] {os.path.relpath(p)}: {os.path.getsize(p) / 1024:.0f} KB")

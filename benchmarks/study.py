@@ -1,29 +1,36 @@
 """The study: which self-supervised pretraining gives a ViT the best features, how well they generalize and
-transfer, against which baselines, at what cost (issue 10). One command runs it:
+transfer, against which baselines, at what cost, and which of its differences are larger than the noise of seeds
+(issues 10 and 21). One command runs it:
 
-    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10, 1-1.5 hours on 2 CPU cores;
-                                                       # --docs: the figures also go to docs/ for the README
+    python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10, 3 seeds, about 4 hours on 2 CPU
+                                                       # cores; --docs: the figures also go to docs/ for the README
     python benchmarks/study.py --dataset folder --data-dir ~/my_cifar10_tree   # an ImageFolder copy instead
-    python benchmarks/study.py --protocol gpu          # ViT-Tiny/4, all of CIFAR-10, 100 epochs, one GPU
+    python benchmarks/study.py --protocol gpu          # ViT-Tiny/4 and ViT-Small/4, all of CIFAR-10, 100 epochs
+    python benchmarks/study.py --protocol gpu --archs vit_tiny/4        # one shape of the two
     python benchmarks/study.py --protocol gpu-quick    # the gpu protocol cut down to minutes (a first look)
-    python benchmarks/study.py --protocol gpu --seeds 3      # mean ± std over seeds 0, 1, 2
+    python benchmarks/study.py --protocol cpu --seeds 1      # one seed, about 1.5 hours
     python benchmarks/study.py --protocol cpu --dry-run      # print every command, run nothing
     python benchmarks/plots.py runs/study --docs       # the figures again, from a finished study folder
 
-SimCLR, MoCo v3, BYOL and SwAV pretrain the same backbone on the same images for the same epochs and batch,
+SimCLR, MoCo v3, BYOL, SwAV and DINO pretrain the same backbone on the same images for the same epochs and batch,
 each through its own command line (`python <method>.py ...`, the paper's defaults for everything the study does
 not fix), next to two baselines: the same ViT untrained (random init) and the same ViT trained with the labels
 of the same images for the same epochs (eval_linear.finetune from random init: supervised). Every network is
-then measured with eval_linear's protocols (weighted k-NN k=20 T=0.07; the linear probe's defaults):
-  - pretraining effect: k-NN and linear probe on CIFAR-10 (all train labels -> top-1 on test);
+then measured with eval_linear's protocols (weighted k-NN k=20 T=0.07; the linear probe's defaults; fine-tuning):
+  - pretraining effect: k-NN and linear probe on CIFAR-10 (all train labels -> top-1 on test), and the network
+    fine-tuned end to end with the labels of its pretraining images on the supervised baseline's budget;
   - label efficiency: the same probe trained on fixed stratified 1% and 10% of the train labels;
   - unseen classes: each method pretrained again on five classes, k-NN / linear on the other five;
-  - transfer: k-NN / linear on another dataset (tinyimagenet20 by default: 20 Tiny ImageNet classes, built by
-    benchmarks/tinyimagenet20.py from the public archive when missing) at the pretraining resolution;
+  - transfer: k-NN / linear / fine-tuning on another dataset (tinyimagenet20 by default: 20 Tiny ImageNet
+    classes, built by benchmarks/tinyimagenet20.py from the public archive when missing) at the pretraining
+    resolution;
   - cost: pretraining wall-clock and images/s on the hardware used.
+Seeds (--seeds N: 0..N-1) change the pretraining, the subset draw and the probe and fine-tuning seeds; the table
+gives mean ± sample std, and its reading claims a difference between two networks only where a paired t-test over
+the seeds rejects 'no difference' at 5% (paired: seed s of every network shares its subset draw).
 The evaluations run in this process with eval_linear's functions, so the features are extracted once per network
 and data (the CLI would extract them again for every probe); each results row records the eval_linear command
-that reproduces its k-NN and full-label linear numbers.
+that reproduces its numbers.
 
 A killed study resumes: a run whose checkpoint.pt is complete (epoch == epochs) is skipped, a partial one is
 continued with the method's --resume, and an evaluation already in results.jsonl for the same checkpoint file
@@ -31,24 +38,28 @@ continued with the method's --resume, and an evaluation already in results.jsonl
 
 Does a fixed subset seen for several epochs teach as much as one pass over all 50,000 images at the same cost
 (the cpu protocol's choice)? The same number of steps both ways, SimCLR and the supervised baseline:
-    python benchmarks/study.py --protocol cpu --methods simclr --no-unseen --out runs/study_sub5
-    python benchmarks/study.py --protocol cpu --methods simclr --no-unseen --subset-per-class 0 --epochs 1 \\
-        --knn-every 1 --out runs/study_full1
+    python benchmarks/study.py --protocol cpu --seeds 1 --methods simclr --no-unseen --out runs/study_sub5
+    python benchmarks/study.py --protocol cpu --seeds 1 --methods simclr --no-unseen --subset-per-class 0 \\
+        --epochs 1 --knn-every 1 --out runs/study_full1
 
 Data: CIFAR-10 from torchvision by default (downloaded into --data-dir, default data/, when missing), written once
 as an ImageFolder tree of PNGs (the same pixels) so that the subsets can be symlink trees; any ImageFolder tree with
 --dataset folder. Nothing outside the repository and the folders given on the command line is read.
 
-The output folder (--out, default runs/study):
+The output folder (--out, default runs/study; with several --archs, each shape's study in <out>/<arch>-<patch>/
+with its own runs/, results, table and figures, and <out>/table.md holding every shape's table):
   data/                     <dataset>/ (a torchvision dataset as PNGs) and symlinked ImageFolder trees: the
-                            pretraining subset, the five seen / five unseen classes
+                            pretraining subset, the five seen / five unseen classes (_s<seed> for seeds > 0)
   runs/<method>_s<seed>/    checkpoint.pt + log.jsonl of each pretraining on all classes (the method's own CLI)
   runs/<method>5_s<seed>/   the same, pretrained on the five seen classes only
   runs/random_s<seed>/, runs/supervised_s<seed>/, runs/supervised5_s<seed>/   the baselines, same file format
   results.jsonl             one line per pretraining (cost, command) and per evaluation (numbers, command)
-  table.md                  the markdown table, one line per protocol under it, the command and the hardware
+  table.md                  the markdown table, one line per protocol under it, what the seeds support, the
+                            command and the hardware
+  headline.json             the headline columns' numbers seed by seed (the seeds figure reads it)
   study.json                the resolved settings (benchmarks/plots.py reads it)
-  figures/                  curves.png, attention.png, pca.png, views_<method>.png (with matplotlib installed)
+  figures/                  curves.png, attention.png, attention_heads.png, pca.png, seeds.png,
+                            views_<method>.png (with matplotlib installed)
 """
 import argparse
 import json
@@ -83,39 +94,71 @@ LABEL_SUBSET_SEED = 0           # the same labelled subsets for every network an
 # train images. knn_every: the k-NN monitor in each run's log.jsonl (the curves figure), on the pretraining
 # tree (its train subset as the memory bank, the full test split), for the runs on all classes only.
 PROTOCOLS = {
-    # 2 CPU cores, about an hour. vit_mini/8 (ViT-Tiny's width, half its depth; 16 tokens at 32 px), the size of
-    # the README's CPU rows. Training cost per image relative to SimCLR, measured as CPU time of 10 steps of batch
-    # 256 on one thread (robust on a shared machine; two rounds): MoCo v3 1.7x (a 3-layer 4096-wide projector,
-    # the momentum network), BYOL 1.3x, SwAV 2.0x (8 crops), supervised 0.52x (one view), feature extraction
-    # 0.22x. From SimCLR's 190 img/s on the unshared machine: 110 / 148 / 96 / 365 img/s, 860 img/s to extract.
-    # The study then takes about 59 minutes: 43 pretraining (all classes, the five-class runs and supervised),
-    # 5 in the k-NN monitor, 10 evaluating (70 s per network for the 60,000 CIFAR-10 images), 1 for the rest.
-    # Measured: 90 minutes from an empty folder, with other jobs on the two cores (load average 2.2-4.2).
-    # 1,000 images per class for 5 epochs cost what one pass over all 50,000 costs, and give a checkpoint and a
-    # curve point every epoch instead of one at the end (a stopped study loses at most an epoch). Whether they
-    # also teach as much: for SimCLR yes, 0.1-0.3 points apart (one seed; the README's variants table).
-    "cpu": dict(arch="vit_mini", patch_size=8, img_size=32, subset_per_class=1000, epochs=5, batch_size=256,
-                warmup_epochs=1, knn_every=2, workers=1, seeds=1),
-    # One GPU: ViT-Tiny/4 (64 tokens at 32 px) on all 50,000 images for the method files' default 100 epochs
-    # (--epochs 200 for the longer run), batch 512, 10 warmup epochs: the runs a user with one GPU would do.
-    "gpu": dict(arch="vit_tiny", patch_size=4, img_size=32, subset_per_class=0, epochs=100, batch_size=512,
-                warmup_epochs=10, knn_every=10, workers=8, seeds=1),
+    # 2 CPU cores, about 4 hours for 3 seeds. vit_mini/8 (ViT-Tiny's width, half its depth; 16 tokens at 32 px),
+    # the size of the README's CPU rows. 1,000 images per class for 5 epochs cost what one pass over all 50,000
+    # costs, and give a checkpoint and a curve point every epoch instead of one at the end (a stopped study loses
+    # at most an epoch). Whether they also teach as much: for SimCLR yes, 0.1-0.3 points apart (one seed; the
+    # README's variants table). Each seed draws its own subset. The unseen-classes pretrainings (a third of the
+    # pretraining cost) run for seed 0 only (unseen_seeds). finetune_lr (per 256 images) was chosen on a 10%
+    # validation split of the subset's train images, random init and SimCLR alike (docs/study.md); the transfer
+    # fine-tuning sees as many images as a pretraining does (25 epochs of tinyimagenet20's 2,000 = 5 of 10,000).
+    "cpu": dict(archs=["vit_mini/8"], img_size=32, subset_per_class=1000, epochs=5, batch_size=256,
+                warmup_epochs=1, knn_every=2, workers=1, seeds=3, unseen_seeds=1, finetune_lr=1e-3,
+                transfer_finetune_epochs=25),
+    # One GPU: ViT-Tiny/4 and ViT-Small/4 (64 tokens at 32 px) on all 50,000 images for the method files' default
+    # 100 epochs (--epochs 200 for the longer run), batch 512, 10 warmup epochs: the runs a user with one GPU would
+    # do. Fine-tuning: MAE's base lr 5e-4 (eval_linear's default; not chosen on a validation split here), 100
+    # epochs on the transfer set.
+    "gpu": dict(archs=["vit_tiny/4", "vit_small/4"], img_size=32, subset_per_class=0, epochs=100, batch_size=512,
+                warmup_epochs=10, knn_every=10, workers=8, seeds=1, unseen_seeds=1, finetune_lr=5e-4,
+                transfer_finetune_epochs=100),
     # The gpu protocol cut down to finish in under 8 minutes on one H100, sized by estimate (not measured: the
     # data loaders, ~5,000 two-view images/s on 8 workers, bound the step): the cpu protocol's 10,000 images, 15
-    # epochs, batch 256 (39 steps an epoch rather than 19 at 512). If it runs over, lower --epochs.
-    "gpu-quick": dict(arch="vit_tiny", patch_size=4, img_size=32, subset_per_class=1000, epochs=15, batch_size=256,
-                      warmup_epochs=1, knn_every=5, workers=8, seeds=1),
+    # epochs, batch 256 (39 steps an epoch rather than 19 at 512), ViT-Tiny/4 only. If it runs over, lower --epochs.
+    "gpu-quick": dict(archs=["vit_tiny/4"], img_size=32, subset_per_class=1000, epochs=15, batch_size=256,
+                      warmup_epochs=1, knn_every=5, workers=8, seeds=1, unseen_seeds=1, finetune_lr=1e-3,
+                      transfer_finetune_epochs=25),
 }
+
+
+def split_arch(text):
+    """'vit_mini/8' -> ('vit_mini', 8); a one-line error for anything else."""
+    name, _, patch = text.partition("/")
+    if name not in vit.ARCHS or not patch.isdigit():
+        raise SystemExit(f"--archs {text}: expected <arch>/<patch size> with arch one of {', '.join(vit.ARCHS)}, "
+                         f"e.g. vit_tiny/4")
+    return name, int(patch)
+
+
+def resolve_cfg(args):
+    """The protocol's settings with the command line's overrides; archs as 'name/patch' strings."""
+    cfg = dict(PROTOCOLS[args.protocol])
+    for k in ("img_size", "epochs", "batch_size", "warmup_epochs", "knn_every", "subset_per_class", "seeds",
+              "unseen_seeds", "workers", "finetune_lr", "transfer_finetune_epochs"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if args.archs:
+        cfg["archs"] = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if args.arch is not None or args.patch_size is not None:  # one shape, the first one's where not given
+        first = split_arch(cfg["archs"][0])
+        cfg["archs"] = [f"{args.arch or first[0]}/{args.patch_size or first[1]}"]
+    for a in cfg["archs"]:
+        if cfg["img_size"] % split_arch(a)[1]:
+            raise SystemExit(f"--img-size {cfg['img_size']} is not a multiple of the patch size of {a}")
+    cfg["unseen_seeds"] = min(cfg["unseen_seeds"] or cfg["seeds"], cfg["seeds"])
+    return cfg
 
 
 def method_flags(method, cfg):
     """The flags a method gets beyond the shared ones: what SwAV's and DINO's files size for 100+ epochs of all
-    of CIFAR-10 at 32 px, sized to the protocol: the small crops' side and SwAV's queue."""
+    of CIFAR-10 at 32 px, sized to the protocol: the small crops' side, SwAV's queue, DINO's lr in short runs."""
     if method not in ("swav", "dino"):
         return []
     small = max(cfg["patch_size"], cfg["img_size"] // 2 // cfg["patch_size"] * cfg["patch_size"])  # 32 -> 16 px
     if method == "dino":
-        return ["--small-crop-size", str(small)]
+        # a quarter of the paper's lr in short runs: in the cpu protocol (195 steps) 5e-4 left the k-NN at 28.9,
+        # 1.25e-4 gave 29.8 (untrained 28.6; dino.py's parser comments have the measurements)
+        return ["--small-crop-size", str(small), *(["--lr", "1.25e-4"] if cfg["epochs"] < 50 else [])]
     long_run = cfg["epochs"] >= 50  # the queue starts at epoch 15 (of the reference's 200): only in long runs
     return ["--small-crop-size", str(small),
             # the reference freezes the prototypes for its first epoch, as the file's default does on any data
@@ -151,11 +194,17 @@ def get_args_parser():
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes (default: protocol)")
     g = p.add_argument_group("overrides of the protocol (tests, smaller or longer studies)")
+    g.add_argument("--archs", default=None, metavar="A/P,...",
+                   help="the ViT shapes, each a study of its own under <out>/<arch>-<patch>/, e.g. "
+                        "vit_mini/8,vit_tiny/4 (default: the protocol's)")
+    notes = {"subset-per-class": " (0: all train images)", "arch": " (one shape; with --patch-size: see --archs)",
+             "unseen-seeds": " (the five-class pretrainings for seeds 0..N-1 only)",
+             "finetune-lr": " (AdamW, per 256 images)", "transfer-finetune-epochs": " (fine-tuning on the transfer set)"}
     for flag, kind in (("arch", str), ("patch-size", int), ("img-size", int), ("epochs", int), ("batch-size", int),
-                       ("warmup-epochs", int), ("knn-every", int), ("subset-per-class", int)):
-        note = " (0: all train images)" if flag == "subset-per-class" else ""
+                       ("warmup-epochs", int), ("knn-every", int), ("subset-per-class", int), ("unseen-seeds", int),
+                       ("finetune-lr", float), ("transfer-finetune-epochs", int)):
         g.add_argument(f"--{flag}", type=kind, default=None, choices=sorted(vit.ARCHS) if flag == "arch" else None,
-                       help="default: the protocol's" + note)
+                       help="default: the protocol's" + notes.get(flag, ""))
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit; writes nothing")
     p.add_argument("--no-figures", action="store_true", help="results and table only")
     p.add_argument("--docs", action="store_true", help="also copy the figures to docs/ (for the README)")
@@ -222,10 +271,11 @@ def subset_files(files, per_class, seed=0):
     return {c: sorted(random.Random(f"{seed}-{c}").sample(fs, min(per_class, len(fs)))) for c, fs in files.items()}
 
 
-def build_tree(dst, src, classes, per_class, dry_run=False):
-    """An ImageFolder tree of symlinks: train/<class>/ holds `per_class` images of each class (0: the whole class
-    folder), test/<class>/ the whole test folder of each class. Built once; tree.json says from what."""
-    manifest = {"source": os.path.realpath(src), "classes": classes, "per_class": per_class, "seed": 0}
+def build_tree(dst, src, classes, per_class, seed=0, dry_run=False):
+    """An ImageFolder tree of symlinks: train/<class>/ holds `per_class` images of each class drawn with `seed` (0:
+    the whole class folder), test/<class>/ the whole test folder of each class. Built once; tree.json says from
+    what."""
+    manifest = {"source": os.path.realpath(src), "classes": classes, "per_class": per_class, "seed": seed}
     if dry_run:
         return dst
     if os.path.exists(os.path.join(dst, "tree.json")):
@@ -235,7 +285,7 @@ def build_tree(dst, src, classes, per_class, dry_run=False):
         return dst
     if os.path.exists(dst):  # a tree whose building was interrupted (symlinks only: nothing else is removed)
         shutil.rmtree(dst)
-    files = subset_files({c: fs for c, fs in class_files(src, "train").items() if c in classes}, per_class)
+    files = subset_files({c: fs for c, fs in class_files(src, "train").items() if c in classes}, per_class, seed)
     os.makedirs(os.path.join(dst, "train"))
     os.makedirs(os.path.join(dst, "test"))
     for c in classes:
@@ -253,20 +303,27 @@ def build_tree(dst, src, classes, per_class, dry_run=False):
 
 # ---- the plan ----
 
-def make_plan(args):
-    """The resolved settings and every network of the study, as plain dicts (also written to study.json)."""
-    cfg = dict(PROTOCOLS[args.protocol])
-    for k in ("arch", "patch_size", "img_size", "epochs", "batch_size", "warmup_epochs", "knn_every",
-              "subset_per_class", "seeds", "workers"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    out = os.path.abspath(args.out)
+def arch_tag(arch):
+    """'vit_tiny/4' -> 'vit_tiny-4': the folder of one shape's study when there are several."""
+    return arch.replace("/", "-")
+
+
+def make_plan(args, arch=None):
+    """The resolved settings and every network of the study of one ViT shape (`arch`, 'name/patch'; default the
+    first of the protocol's), as plain dicts (also written to study.json). With several shapes each has its own
+    folder <out>/<arch>-<patch>/; the data trees are shared, under <out>/data."""
+    cfg = resolve_cfg(args)
+    arch = arch or cfg["archs"][0]
+    cfg["arch"], cfg["patch_size"] = split_arch(arch)
+    top = os.path.abspath(args.out)
+    out = top if len(cfg["archs"]) == 1 else os.path.join(top, arch_tag(arch))
+    data_root = os.path.join(top, "data")
     if args.dataset == "folder":
         src = os.path.abspath(args.data_dir)
         if not os.path.isdir(os.path.join(src, "train")):
             raise SystemExit(f"--data-dir {args.data_dir}: expected an ImageFolder tree with train/<class>/ and test/")
     else:  # the subsets below are symlink trees: the torchvision dataset becomes a folder tree first
-        src = export_folder(args.dataset, args.data_dir, os.path.join(out, "data", args.dataset), args.download,
+        src = export_folder(args.dataset, args.data_dir, os.path.join(data_root, args.dataset), args.download,
                             args.dry_run)
     if args.transfer_dataset == "folder" and not os.path.isdir(args.transfer_data_dir):
         if os.path.basename(os.path.normpath(args.transfer_data_dir)) != "tinyimagenet20":
@@ -281,16 +338,22 @@ def make_plan(args):
     classes = (sorted(class_files(src, "train")) if have_tree
                else [f"class{i}" for i in range(NUM_CLASSES[args.dataset])])
     seen, unseen = classes[:len(classes) // 2], classes[len(classes) // 2:]   # CIFAR-10: airplane..deer | dog..truck
-    n = cfg["subset_per_class"]
+    n, unseen_seeds = cfg["subset_per_class"], 0 if args.no_unseen else cfg["unseen_seeds"]
     tag = f"{n}pc" if n else "all"
-    trees = {
-        "eval": src,  # pretraining effect and label efficiency: all train labels, all test images
-        "pretrain": build_tree(os.path.join(out, "data", f"train_{tag}"), src, classes, n, args.dry_run) if n else src,
-        "seen": build_tree(os.path.join(out, "data", f"seen{len(seen)}_{tag}"), src, seen, n, args.dry_run),
-        # evaluation on the classes pretraining never saw: the same number of labelled images per class
-        "unseen": build_tree(os.path.join(out, "data", f"unseen{len(unseen)}_{tag}"), src, unseen, n, args.dry_run),
-    }
-    num_images = {"pretrain": None, "seen": None}  # (unknown in a dry run before the export)
+
+    def seed_trees(seed):  # each seed draws its own subsets (seed 0's folders keep their names without _s0)
+        at = (lambda name: os.path.join(data_root, name + (f"_s{seed}" if n and seed else "")))
+        trees = {
+            "eval": src,  # pretraining effect and label efficiency: all train labels, all test images
+            "pretrain": build_tree(at(f"train_{tag}"), src, classes, n, seed, args.dry_run) if n else src}
+        if seed < unseen_seeds:
+            trees["seen"] = build_tree(at(f"seen{len(seen)}_{tag}"), src, seen, n, seed, args.dry_run)
+            # evaluation on the classes pretraining never saw: the same number of labelled images per class
+            trees["unseen"] = build_tree(at(f"unseen{len(unseen)}_{tag}"), src, unseen, n, seed, args.dry_run)
+        return trees
+
+    trees = {seed: seed_trees(seed) for seed in range(cfg["seeds"])}
+    num_images = {"pretrain": None, "seen": None}  # (unknown in a dry run before the export; equal for every seed)
     if have_tree:
         counts = {c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
         num_images = {"pretrain": sum(counts.values()), "seen": sum(counts[c] for c in seen)}
@@ -304,13 +367,14 @@ def make_plan(args):
     for seed in range(cfg["seeds"]):
         models.append(dict(name=f"random_s{seed}", model="random", seed=seed, part="main"))
         for part, tree, suffix in (("main", "pretrain", ""), ("unseen", "seen", str(len(seen)))):
-            if part == "unseen" and args.no_unseen:
+            if part == "unseen" and seed >= unseen_seeds:
                 continue
+            data_dir = trees[seed][tree]
             models.append(dict(name=f"supervised{suffix}_s{seed}", model="supervised", seed=seed, part=part,
-                               data_dir=trees[tree], num_images=num_images[tree]))
+                               data_dir=data_dir, num_images=num_images[tree]))
             for m in methods:
                 run_dir = os.path.join(out, "runs", f"{m}{suffix}_s{seed}")
-                cmd = [sys.executable, f"{m}.py", "--dataset", "folder", "--data-dir", shown(trees[tree]),
+                cmd = [sys.executable, f"{m}.py", "--dataset", "folder", "--data-dir", shown(data_dir),
                        "--arch", cfg["arch"], "--patch-size", str(cfg["patch_size"]),
                        "--img-size", str(cfg["img_size"]),
                        "--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
@@ -318,17 +382,21 @@ def make_plan(args):
                        "--knn-every", str(cfg["knn_every"] if part == "main" else 0), "--seed", str(seed),
                        *device, *method_flags(m, cfg), "--out", shown(run_dir)]
                 models.append(dict(name=f"{m}{suffix}_s{seed}", model=m, seed=seed, part=part, cmd=cmd,
-                                   data_dir=trees[tree], num_images=num_images[tree]))
+                                   data_dir=data_dir, num_images=num_images[tree]))
     for m in models:
         m["run_dir"] = os.path.join(out, "runs", m["name"])
         m["ckpt"] = os.path.join(m["run_dir"], "checkpoint.pt")
-        m["evals"] = ["cifar10", "transfer"] if m["part"] == "main" else []
-        if m["model"] == "random" and not args.no_unseen:
+        m["trees"] = trees[m["seed"]]
+        m["evals"] = []
+        if m["part"] == "main":  # fine-tuning on CIFAR-10: random init's is the supervised baseline itself
+            m["evals"] = ["cifar10", "transfer", *(["finetune"] if "cmd" in m else []), "finetune_transfer"]
+        if m["model"] == "random" and m["seed"] < unseen_seeds:
             m["evals"].append("unseen")  # the untrained network is the same whatever it would have seen
         if m["part"] == "unseen":
             m["evals"] = ["unseen"]
-    return dict(protocol=args.protocol, cfg=cfg, out=out, trees=trees, classes=classes, seen=seen, unseen=unseen,
-                num_images=num_images, methods=methods, models=models, no_unseen=args.no_unseen,
+    return dict(protocol=args.protocol, cfg=cfg, arch=arch, out=out, trees=trees[0], classes=classes, seen=seen,
+                unseen=unseen, num_images=num_images, methods=methods, models=models, no_unseen=args.no_unseen,
+                unseen_seeds=unseen_seeds,
                 transfer=dict(dataset=args.transfer_dataset, data_dir=args.transfer_data_dir, download=args.download),
                 device=args.device)
 
@@ -418,8 +486,27 @@ def supervised_command(model, cfg):
     """The eval_linear command that trains the same network the same way and prints its fine-tune top-1."""
     return ["python", "eval_linear.py", "--random-init", "--arch", cfg["arch"], "--patch-size", str(cfg["patch_size"]),
             "--img-size", str(cfg["img_size"]), "--dataset", "folder", "--data-dir", shown(model["data_dir"]),
-            "--no-probe", "--finetune", "--finetune-epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
-            "--workers", str(cfg["workers"]), "--seed", str(model["seed"])]
+            "--no-probe", "--finetune", "--finetune-epochs", str(cfg["epochs"]), "--finetune-lr", f"{cfg['finetune_lr']:g}",
+            "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]), "--seed", str(model["seed"])]
+
+
+def run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, seed, device, download=True):
+    """eval_linear.finetune of `backbone` + a linear head on the train split (augmented), top-1 on the test split:
+    the same seeds, loaders and order of calls as `eval_linear.py ... --finetune` (so its CLI trains the same
+    network). Returns (result, the fine-tuned nn.Sequential(backbone, head), seconds, images trained on per
+    epoch, number of classes, test images)."""
+    size = backbone.kwargs["img_size"]
+    aug_set = data.build_dataset(dataset, data_dir, "train", download=download)
+    test_set = data.build_dataset(dataset, data_dir, "test", data.eval_transform(size, *mean_std), download=download)
+    aug = data.build_train_loader(aug_set, [data.finetune_spec(size)], *mean_std, cfg["batch_size"], cfg["workers"],
+                                  device, seed=seed)  # eval_linear's --aug auto: batched where it fits
+    test = data.build_loader(test_set, 256, cfg["workers"], train=False)
+    lr = cfg["finetune_lr"] * cfg["batch_size"] / 256  # per 256 images, scaled by the batch as the CLI scales it
+    torch.manual_seed(seed)
+    t0 = time.time()
+    result, net = eval_linear.finetune(backbone, aug, test, data.num_classes(aug_set), epochs, lr, device)
+    seconds = time.time() - t0  # includes one pass over the test split
+    return result, net, seconds, len(aug) * cfg["batch_size"], data.num_classes(aug_set), len(test_set)
 
 
 def supervised(model, cfg, device, dry_run):
@@ -440,42 +527,44 @@ def supervised(model, cfg, device, dry_run):
         return False
     torch.manual_seed(model["seed"])
     backbone = vit.ARCHS[cfg["arch"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
-    mean_std, size = data.MEAN_STD["folder"], cfg["img_size"]
-    aug_set = data.build_dataset("folder", model["data_dir"], "train", data.finetune_transform(size, *mean_std))
-    test_set = data.build_dataset("folder", model["data_dir"], "test", data.eval_transform(size, *mean_std))
-    aug = data.build_loader(aug_set, cfg["batch_size"], cfg["workers"], train=True, seed=model["seed"])
-    test = data.build_loader(test_set, 256, cfg["workers"], train=False)
-    # eval_linear's --finetune-lr default (MAE's base lr), scaled by the batch as its CLI scales it
-    lr = eval_linear.get_args_parser().get_default("finetune_lr") * cfg["batch_size"] / 256
-    torch.manual_seed(model["seed"])
-    t0 = time.time()
-    result, net = eval_linear.finetune(backbone, aug, test, data.num_classes(aug_set), cfg["epochs"], lr, device)
-    seconds = time.time() - t0  # includes one pass over the test split (the fine-tune top-1)
+    result, net, seconds, images, _, _ = run_finetune(backbone, "folder", model["data_dir"], data.MEAN_STD["folder"],
+                                                     cfg["epochs"], cfg, model["seed"], device)
     net[0].cpu()
     save_baseline(model["ckpt"], net[0], "supervised", cfg["epochs"],
                   {"dataset": "folder", "data_dir": model["data_dir"], "arch": cfg["arch"],
-                   "patch_size": cfg["patch_size"], "img_size": size, "epochs": cfg["epochs"],
-                   "batch_size": cfg["batch_size"], "lr": lr, "seed": model["seed"]},
+                   "patch_size": cfg["patch_size"], "img_size": cfg["img_size"], "epochs": cfg["epochs"],
+                   "batch_size": cfg["batch_size"], "lr": cfg["finetune_lr"] * cfg["batch_size"] / 256,
+                   "seed": model["seed"]},
                   head=net[1].state_dict(), finetune_top1=result["top1"], finetune_top5=result["top5"],
-                  seconds=seconds, img_per_s=len(aug) * cfg["batch_size"] * cfg["epochs"] / seconds)
+                  seconds=seconds, img_per_s=images * cfg["epochs"] / seconds)
     return True
 
 
 # ---- evaluation ----
 
+FINETUNES = ("finetune", "finetune_transfer")  # the evaluations that fine-tune (the others read frozen features)
+
+
 def eval_setting(plan, model, name):
     """(dataset, data_dir, eval_data label) of one evaluation."""
+    trees = model["trees"]
     if name == "cifar10":
-        return "folder", plan["trees"]["eval"], f"folder:{os.path.basename(os.path.normpath(plan['trees']['eval']))}"
+        return "folder", trees["eval"], f"folder:{os.path.basename(os.path.normpath(trees['eval']))}"
+    if name == "finetune":  # the labels of the pretraining images: the supervised baseline's data and budget
+        return "folder", trees["pretrain"], f"folder:{os.path.basename(os.path.normpath(trees['pretrain']))}"
     if name == "unseen":
-        return "folder", plan["trees"]["unseen"], "unseen classes: " + ", ".join(plan["unseen"])
+        return "folder", trees["unseen"], "unseen classes: " + ", ".join(plan["unseen"])
     t = plan["transfer"]
     label = f"folder:{os.path.basename(os.path.normpath(t['data_dir']))}" if t["dataset"] == "folder" else t["dataset"]
     return t["dataset"], t["data_dir"], label
 
 
+def finetune_epochs(plan, name):
+    return plan["cfg"]["epochs"] if name == "finetune" else plan["cfg"]["transfer_finetune_epochs"]
+
+
 def eval_command(plan, model, name):
-    """The eval_linear command that gives the row's k-NN and full-label linear numbers."""
+    """The eval_linear command that gives the row's k-NN and full-label linear numbers, or its fine-tune top-1."""
     cfg = plan["cfg"]
     dataset, data_dir, _ = eval_setting(plan, model, name)
     if model["model"] == "random":
@@ -484,8 +573,34 @@ def eval_command(plan, model, name):
     else:
         who = ["--ckpt", shown(model["ckpt"])]
     extra = ["--no-download"] if not plan["transfer"]["download"] and dataset != "folder" else []
+    if name in FINETUNES:
+        extra += ["--no-probe", "--finetune", "--finetune-epochs", str(finetune_epochs(plan, name)),
+                  "--finetune-lr", f"{cfg['finetune_lr']:g}", "--batch-size", str(cfg["batch_size"]),
+                  "--workers", str(cfg["workers"])]
     return ["python", "eval_linear.py", *who, "--dataset", dataset, "--data-dir", shown(data_dir), *extra,
             "--seed", str(model["seed"])]
+
+
+def finetune_eval(plan, model, name, device):
+    """One fine-tuning row: the network and a new linear head trained end to end (eval_linear.finetune) on the
+    pretraining images' labels for the supervised baseline's epochs (finetune), or on the transfer set
+    (finetune_transfer); top-1 on the test split. The pretraining normalization, as the frozen evaluations."""
+    cfg = plan["cfg"]
+    dataset, data_dir, label = eval_setting(plan, model, name)
+    backbone, meta = eval_linear.load_backbone(model["ckpt"])
+    mean_std = tuple(map(tuple, meta["mean_std"] or data.MEAN_STD[dataset]))
+    epochs = finetune_epochs(plan, name)
+    result, _, seconds, images, num_classes, num_test = run_finetune(
+        backbone, dataset, data_dir, mean_std, epochs, cfg, model["seed"], device, plan["transfer"]["download"])
+    row = dict(kind="eval", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
+               eval=name, eval_data=label, dataset=dataset, data_dir=data_dir, num_classes=num_classes,
+               images_per_epoch=images, num_test=num_test, img_size=backbone.kwargs["img_size"],
+               finetune_top1=result["top1"], finetune_top5=result["top5"], finetune_epochs=epochs,
+               finetune_lr=cfg["finetune_lr"], seconds=round(seconds, 1), device=str(device), ckpt=model["ckpt"],
+               ckpt_epoch=meta["epoch"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
+               command=shlex.join(eval_command(plan, model, name)), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    print(f"[study] {model['name']} fine-tuned on {label}: {result['top1']:.2f} [{seconds:.0f} s]", flush=True)
+    return row
 
 
 def subset_indices(dataset, tree):
@@ -533,7 +648,7 @@ def evaluate(plan, model, name, device):
                                         f"eval_linear.stratified_split(train labels, F, seed={LABEL_SUBSET_SEED})[1], "
                                         f"F in {LABEL_FRACTIONS}")
         if model["model"] == "random":  # the k-NN every run's log starts from: its memory bank is the pretraining set
-            idx = subset_indices(train_set, plan["trees"]["pretrain"]).to(xtr.device)
+            idx = subset_indices(train_set, model["trees"]["pretrain"]).to(xtr.device)
             row["knn_top1_pretrain_bank"] = eval_linear.knn_accuracy(xtr[idx], ytr[idx], xte, yte, num_classes)[0]
         if model["model"] == "supervised":
             ck = torch.load(model["ckpt"], map_location="cpu", weights_only=True)
@@ -606,45 +721,139 @@ def duration(seconds):
     return "-" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-COLUMNS = ["", "CIFAR-10 k-NN", "linear", "linear, 1% labels", "linear, 10% labels", "unseen classes k-NN",
-           "linear", "transfer k-NN", "linear", "pretraining time", "img/s"]
+# the table's columns: (key, header); the headline columns have 3 seeds in the cpu protocol, the others may not
+COLUMNS = [("knn", "CIFAR-10 k-NN"), ("linear", "linear"), ("finetune", "fine-tune"),
+           *((f"linear_{f:g}", f"linear, {f:.0%} labels") for f in LABEL_FRACTIONS),
+           ("unseen_knn", "unseen classes k-NN"), ("unseen_linear", "linear"),
+           ("transfer_knn", "transfer k-NN"), ("transfer_linear", "linear"), ("transfer_finetune", "fine-tune"),
+           ("seconds", "pretraining time"), ("img_per_s", "img/s")]
+HEADLINE = {"knn": "CIFAR-10 k-NN", "linear": "CIFAR-10 linear", "finetune": "CIFAR-10 fine-tune",
+            "transfer_knn": "transfer k-NN", "transfer_linear": "transfer linear",
+            "transfer_finetune": "transfer fine-tune"}
+# where each column's number is: (kind, eval, key of the results row); "unseen" from the five-class networks
+SOURCES = {"knn": ("eval", "cifar10", "knn_top1"), "linear": ("eval", "cifar10", "linear_top1"),
+           "finetune": ("eval", "finetune", "finetune_top1"),
+           **{f"linear_{f:g}": ("eval", "cifar10", f"linear_{f:g}_top1") for f in LABEL_FRACTIONS},
+           "unseen_knn": ("eval", "unseen", "knn_top1"), "unseen_linear": ("eval", "unseen", "linear_top1"),
+           "transfer_knn": ("eval", "transfer", "knn_top1"), "transfer_linear": ("eval", "transfer", "linear_top1"),
+           "transfer_finetune": ("eval", "finetune_transfer", "finetune_top1"),
+           "seconds": ("pretrain", None, "seconds"), "img_per_s": ("pretrain", None, "img_per_s")}
 
 
-def table_rows(plan, rows):
-    """{model: [cells]} in the table's order, from results rows that belong to the study's current networks."""
+def current_rows(plan, rows):
+    """{(kind, run, eval): the last results row} of the study's networks whose checkpoint is the one on disk."""
     current = {m["name"]: m for m in plan["models"]}
     latest = {}
-    for r in rows:  # the last row per (kind, run, eval) whose checkpoint is the one on disk now
+    for r in rows:
         m = current.get(r["run"])
         if m and os.path.exists(m["ckpt"]) and r["ckpt_mtime"] == os.stat(m["ckpt"]).st_mtime_ns:
             latest[r["kind"], r["run"], r.get("eval")] = r
-    out = {}
+    return latest
+
+
+def column_values(plan, latest):
+    """{model: {column key: {seed: value}}}. Random init's CIFAR-10 fine-tune is the supervised baseline (the
+    untrained network fine-tuned with the labels: the same training), so the supervised row has none of its own."""
+    current = {m["name"]: m for m in plan["models"]}
+    values = {}
     for model in ["random", "supervised", *plan["methods"]]:
-        def get(kind, part, ev, key):
-            return [r.get(key) for (k, run, e), r in latest.items()
-                    if k == kind and e == ev and current[run]["model"] == model and current[run]["part"] == part]
-        unseen_part = "main" if model == "random" else "unseen"
-        cells = [get("eval", "main", "cifar10", k) for k in
-                 ("knn_top1", "linear_top1", *(f"linear_{f:g}_top1" for f in LABEL_FRACTIONS))]
-        cells += [get("eval", unseen_part, "unseen", k) for k in ("knn_top1", "linear_top1")]
-        cells += [get("eval", "main", "transfer", k) for k in ("knn_top1", "linear_top1")]
-        cells = [mean_std(c) for c in cells]
-        if plan["no_unseen"]:
-            cells[4] = cells[5] = "not run"
-        if model == "random":
-            cells += ["none", "none"]
-        else:
-            secs, ips = get("pretrain", "main", None, "seconds"), get("pretrain", "main", None, "img_per_s")
-            cells += [duration(sum(secs) / len(secs)) if secs else "-", f"{sum(ips) / len(ips):.0f}" if ips else "-"]
+        values[model] = {}
+        for key, (kind, ev, field) in SOURCES.items():
+            part = "unseen" if ev == "unseen" and model != "random" else "main"
+            if model == "random" and key == "finetune":
+                found = {r["seed"]: r.get("finetune_top1") for (k, run, e), r in latest.items()
+                         if k == "eval" and e == "cifar10" and r["model"] == "supervised" and r["part"] == "main"}
+            else:
+                found = {r["seed"]: r.get(field) for (k, run, e), r in latest.items()
+                         if k == kind and e == ev and current[run]["model"] == model and current[run]["part"] == part}
+            values[model][key] = {seed: v for seed, v in sorted(found.items()) if v is not None}
+    return values
+
+
+def table_rows(plan, rows):
+    """({model: [cells]} in the table's order, the current results rows), from the results rows."""
+    latest = current_rows(plan, rows)
+    out = {}
+    for model, cols in column_values(plan, latest).items():
+        cells = []
+        for key, _ in COLUMNS:
+            v = list(cols[key].values())
+            if key.startswith("unseen") and plan["no_unseen"]:
+                cells.append("not run")
+            elif model == "random" and key in ("seconds", "img_per_s"):
+                cells.append("none")
+            elif model == "supervised" and key == "finetune":
+                cells.append("—")  # it is random init's fine-tune
+            elif key == "seconds":
+                cells.append(duration(sum(v) / len(v)) if v else "-")
+            elif key == "img_per_s":
+                cells.append(f"{sum(v) / len(v):.0f}" if v else "-")
+            else:
+                cells.append(mean_std(v))
         out[model] = cells
     return out, latest
+
+
+# two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1); beyond 10, the value at 10
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired(a, b):
+    """(mean of a - b over the seeds both have, sample std of those differences, claimed): a difference is claimed
+    where a paired t-test over the seeds rejects 'no difference' at the 5% level (two-sided). Paired: seed s of
+    every network shares its subset draw, so the seed-to-seed swing common to both cancels."""
+    d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if len(d) < 2:
+        return (d[0] if d else None), None, False
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
+    t = abs(m) / (sd / math.sqrt(len(d))) if sd > 0 else (math.inf if m else 0.0)
+    return m, sd, t > T95.get(len(d) - 1, T95[10])
+
+
+def differences(plan, values):
+    """The reading the seeds support, one line per headline column: the networks by mean, '>' between neighbours
+    whose paired difference is claimed (paired), '≈' where it is within noise; then which methods are above
+    random init and above supervised."""
+    lines = []
+    methods = [m for m in plan["methods"] if any(values[m][k] for k in HEADLINE)]
+    for key, name in HEADLINE.items():
+        have = {m: v[key] for m, v in values.items() if v[key]}
+        if len(have) < 2:
+            continue
+        order = sorted(have, key=lambda m: -sum(have[m].values()) / len(have[m]))
+        text = f"{LABELS[order[0]]} {sum(have[order[0]].values()) / len(have[order[0]]):.1f}"
+        for prev, m in zip(order, order[1:]):
+            text += f" {'>' if paired(have[prev], have[m])[2] else '≈'} {LABELS[m]} " \
+                    f"{sum(have[m].values()) / len(have[m]):.1f}"
+        for base in ("random", "supervised"):
+            if base in have:
+                above = [LABELS[m] for m in methods if m in have and paired(have[m], have[base])[2]
+                         and paired(have[m], have[base])[0] > 0]
+                below = [LABELS[m] for m in methods if m in have and paired(have[m], have[base])[2]
+                         and paired(have[m], have[base])[0] < 0]
+                text += f"; above {LABELS[base]}: {', '.join(above) or 'none'}"
+                text += f", below: {', '.join(below)}" if below else ""
+        lines.append(f"- {name}: {text}")
+    return lines
+
+
+FINETUNE_LR_NOTE = {  # how each protocol's fine-tuning lr was chosen
+    "cpu": "chosen on a 10% validation split of the pretraining images (random init and SimCLR, 5e-4 / 1e-3 / "
+           "2e-3; docs/study.md), never on test, and used for the transfer set too",
+    "gpu": "MAE's base lr (eval_linear's default), not chosen on a validation split for this protocol",
+    "gpu-quick": "the cpu protocol's",
+}
 
 
 def write_table(plan, rows, argv):
     """table.md: the table, then each protocol once (sizes read off the results), the command and the hardware."""
     cfg, n, t = plan["cfg"], plan["cfg"]["subset_per_class"], plan["transfer"]
     cells, latest = table_rows(plan, rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    few = 0 < plan["unseen_seeds"] < cfg["seeds"]  # the unseen-classes columns of fewer seeds than the others
+    headers = [h + (" (seed 0)" if few and key.startswith("unseen") and plan["unseen_seeds"] == 1 else "")
+               for key, h in COLUMNS]
+    lines = ["| " + " | ".join(["", *headers]) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     lines += ["| " + " | ".join([LABELS[m], *c]) + " |" for m, c in cells.items()]
 
     def size(ev, key):  # an evaluation's size, from the untrained network's row (every network has the same)
@@ -664,7 +873,9 @@ def write_table(plan, rows, argv):
         f"train, {pre}, {plural(cfg['epochs'], 'epoch')}, batch {cfg['batch_size']}, "
         f"{plural(cfg['warmup_epochs'], 'warmup epoch')}; each method through its own script, with its paper "
         f"defaults otherwise (commands in results.jsonl). "
-        + (f"Mean ± sample std over {cfg['seeds']} seeds." if cfg["seeds"] > 1 else "One seed."),
+        + (f"Mean ± sample std over {cfg['seeds']} seeds (each seed its own subset draw, initialization, views, "
+           f"probe and fine-tuning seeds)" + (f"; the unseen-classes columns: {plural(plan['unseen_seeds'], 'seed')}."
+                                              if few else ".") if cfg["seeds"] > 1 else "One seed."),
         f"- **CIFAR-10 k-NN / linear** (pretraining effect): frozen CLS features of all {size('cifar10', 'num_train')} "
         f"train images and their labels, top-1 on the {size('cifar10', 'num_test')} test images; weighted k-NN k=20, "
         f"T=0.07; linear: eval_linear's probe (100 epochs, SGD lr 0.1, cosine, standardized features).",
@@ -682,6 +893,14 @@ def write_table(plan, rows, argv):
         f"- **Transfer**: the CIFAR-10 networks, frozen, on {target} ({size('transfer', 'num_train')} train / "
         f"{size('transfer', 'num_test')} test images, {size('transfer', 'num_classes')} classes) resized to "
         f"{cfg['img_size']} px, with the pretraining normalization; k-NN / linear as above.",
+        f"- **Fine-tune**: every network and a new linear head trained end to end (`eval_linear.py --finetune`: "
+        f"AdamW lr {cfg['finetune_lr']:g} per 256 images, 5% warmup then cosine, weight decay 0.05, no layer decay, "
+        f"random-resized-crop + flip, cross-entropy), top-1 on the test images. CIFAR-10: with the labels of its "
+        f"pretraining images, the supervised baseline's budget ({plural(cfg['epochs'], 'epoch')}, batch "
+        f"{cfg['batch_size']}); random init's is the supervised baseline itself. Transfer: on {target}'s train "
+        f"images, {plural(cfg['transfer_finetune_epochs'], 'epoch')}. The lr: "
+        + (FINETUNE_LR_NOTE[plan["protocol"]] if cfg["finetune_lr"] == PROTOCOLS[plan["protocol"]]["finetune_lr"]
+           else "given on the command line") + ".",
         "- **Cost**: pretraining wall-clock (the training epochs, without start-up and the k-NN monitor; supervised: "
         "with its one pass over the test images) and images/s (each image with all its views), on the hardware "
         "below; the machine may be shared: compare within the column.",
@@ -691,6 +910,12 @@ def write_table(plan, rows, argv):
         f"cross-entropy); its own classifier reaches {mean_std(own)}% top-1 on CIFAR-10 test; its columns are the "
         "same probes on its frozen features. It was trained with every label of its training images, so its 1% / 10% "
         "columns are not few-label numbers; its unseen-classes network was trained on the labels of the seen classes.",
+    ]
+    if cfg["seeds"] > 1:
+        lines += ["", f"What the {cfg['seeds']} seeds support ('>': a paired t-test over the seeds rejects 'no "
+                      f"difference' at the 5% level, two-sided; '≈': within noise):",
+                  *differences(plan, column_values(plan, latest))]
+    lines += [
         "",
         f"Command: `{study_command(argv)}`",
         f"Hardware: {hardware(plan['device'])}"
@@ -700,6 +925,11 @@ def write_table(plan, rows, argv):
     text = "\n".join(lines) + "\n"
     with open(os.path.join(plan["out"], "table.md"), "w") as f:
         f.write(text)
+    values = column_values(plan, latest)  # every seed's headline numbers, for the seeds figure (plots.py)
+    with open(os.path.join(plan["out"], "headline.json"), "w") as f:
+        json.dump({"columns": list(HEADLINE.values()), "models": list(values),
+                   "values": {m: {HEADLINE[k]: {str(s): v for s, v in values[m][k].items()} for k in HEADLINE}
+                              for m in values}}, f, indent=1)
     return text
 
 
@@ -716,13 +946,13 @@ def read_rows(path):
         return [json.loads(s) for s in f if s.strip()]
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args_parser().parse_args(argv)
-    plan = make_plan(args)
+def run_study(args, argv, arch, device, docs=False):
+    """The study of one ViT shape: train what is missing, evaluate, write the table and figures. Returns (the
+    table, or None in a dry run; the names of the runs that failed)."""
+    plan = make_plan(args, arch)
     cfg, out = plan["cfg"], plan["out"]
-    device = eval_linear.resolve_device(args.device or "auto")
-    print(f"[study] protocol {args.protocol}: {json.dumps(cfg)}; {len(plan['models'])} networks -> {shown(out)}")
+    print(f"[study] protocol {args.protocol}, {arch}: {json.dumps(cfg)}; {len(plan['models'])} networks -> "
+          f"{shown(out)}")
     results = os.path.join(out, "results.jsonl")
     if not args.dry_run:
         os.makedirs(out, exist_ok=True)
@@ -745,22 +975,25 @@ def main(argv=None):
             continue
         mtime = None if args.dry_run else os.stat(model["ckpt"]).st_mtime_ns
         have = {(r["kind"], r.get("eval")) for r in rows if r["run"] == model["name"] and r["ckpt_mtime"] == mtime}
-        new = []
-        if model["model"] != "random" and ("pretrain", None) not in have and not args.dry_run:
-            new.append(pretrain_row(plan, model))
-        for name in model["evals"]:
-            if ("eval", name) in have:
+        for name in ([None] if model["model"] != "random" else []) + model["evals"]:
+            if name is None:  # the pretraining's cost
+                if ("pretrain", None) not in have and not args.dry_run:
+                    new = pretrain_row(plan, model)
+                else:
+                    continue
+            elif ("eval", name) in have:
                 print(f"[study] {model['name']} on {name}: in results.jsonl, skipped")
+                continue
             elif args.dry_run:
                 print(f"[study] {model['name']} on {name}: {shlex.join(eval_command(plan, model, name))}")
+                continue
             else:
-                new.append(evaluate(plan, model, name, device))
-        if new:
-            with open(results, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in new)
-            rows += new
+                new = (finetune_eval if name in FINETUNES else evaluate)(plan, model, name, device)
+            with open(results, "a") as f:  # each row as soon as it exists: a killed study keeps it
+                f.write(json.dumps(new) + "\n")
+            rows.append(new)
     if args.dry_run:
-        return None
+        return None, failed
     table = write_table(plan, rows, argv)
     print("\n" + table)
     if not args.no_figures:
@@ -769,9 +1002,28 @@ def main(argv=None):
             sys.path.insert(0, here)
         import plots  # benchmarks/plots.py; matplotlib itself is imported only there, and only if installed
         try:
-            plots.make_figures(out, docs=args.docs)
+            plots.make_figures(out, docs=docs)
         except plots.NoMatplotlib as e:
             print(f"[study] figures skipped: {e}")
+    return table, failed
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    archs = resolve_cfg(args)["archs"]
+    device = eval_linear.resolve_device(args.device or "auto")
+    tables, failed = {}, []
+    for arch in archs:  # one study per ViT shape, each in its own folder when there are several
+        tables[arch], f = run_study(args, argv, arch, device, docs=args.docs and arch == archs[0])
+        failed += f
+    if args.dry_run:
+        return None
+    table = tables[archs[0]]
+    if len(archs) > 1:  # <out>/table.md: each shape's table under its name
+        table = "\n".join(f"## {arch}\n\n{tables[arch]}" for arch in archs)
+        with open(os.path.join(os.path.abspath(args.out), "table.md"), "w") as f:
+            f.write(table)
     if failed:
         raise SystemExit(f"[study] these runs failed (see their output above): {', '.join(failed)}")
     return table

@@ -1,10 +1,12 @@
 """benchmarks/cost_curve.py and the memory measurement it shares with benchmarks/method_speed.py, on CPU; the
-figures the README shows: the study's attention figure (benchmarks/plots.py) drawn patch by patch with a colour
-bar, and the view grids (data.py --show) with a header naming every column.
+figures the README shows: the study's attention figures (benchmarks/plots.py; mean over heads and head by head)
+drawn patch by patch with a colour bar, the seeds figure's dots and mean ± std bars, the figures a study folder
+lacks the input of skipped with a note, and the view grids (data.py --show) with a header naming every column.
 
 (The study has its own tests in test_study.py; the speed benchmarks' figures are measured, not tested.)
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,20 +86,31 @@ def test_attention_maps_are_drawn_patch_by_patch_in_units_of_uniform(patch):
     torch.testing.assert_close(maps.mean((1, 2)), torch.ones(3))
 
 
-def test_attention_figure_has_a_colour_bar_and_unsmoothed_maps(tmp_path, monkeypatch):
-    """Catches the study's attention figure without its colour bar, drawn with a smoothing interpolation, with
-    one colour scale per image (the bar would then mean nothing), or not written. A study folder's minimum: two
-    random-init checkpoints (patch 4 and 8) and the test images of the shipped sample."""
-    pytest.importorskip("matplotlib")
+def tiny_study(tmp_path, nets, methods):
+    """A study folder's minimum for the attention figures: a random-init checkpoint per (model, patch) in nets, as
+    the seed-0 network on all classes, and the test images of the shipped sample."""
     models = []
-    for name, patch in (("random", 4), ("simclr", 8)):
+    for name, patch in nets:
         m = tiny_vit(patch)
         torch.save({"method": name, "epoch": 0, "args": {"dataset": "folder"}, "vit_kwargs": m.kwargs,
                     "backbone": m.state_dict()}, tmp_path / f"{name}.pt")
         models.append({"model": name, "seed": 0, "part": "main", "ckpt": str(tmp_path / f"{name}.pt")})
-    study = {"models": models, "methods": ["simclr"], "trees": {"eval": str(SAMPLE)}, "cfg": {"img_size": 32}}
+    return {"models": models, "methods": methods, "trees": {"eval": str(SAMPLE)}, "cfg": {"img_size": 32}}
+
+
+def saved_figures(monkeypatch):
+    """The matplotlib figures plots.save is given (and still writes), to inspect their artists."""
     figures, save = [], plots.save
     monkeypatch.setattr(plots, "save", lambda fig, out: (figures.append(fig), save(fig, out)))
+    return figures
+
+
+def test_attention_figure_has_a_colour_bar_and_unsmoothed_maps(tmp_path, monkeypatch):
+    """Catches the study's attention figure without its colour bar, drawn with a smoothing interpolation, with
+    one colour scale per image (the bar would then mean nothing), or not written. Two networks, patch 4 and 8."""
+    pytest.importorskip("matplotlib")
+    study = tiny_study(tmp_path, [("random", 4), ("simclr", 8)], ["simclr"])
+    figures = saved_figures(monkeypatch)
     plots.attention(study, tmp_path / "attention.png", n_images=3)
     with open(tmp_path / "attention.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -109,6 +122,125 @@ def test_attention_figure_has_a_colour_bar_and_unsmoothed_maps(tmp_path, monkeyp
     assert len({im.get_clim() for im in maps}) == 1 and maps[0].get_clim()[0] == 0  # one scale, from 0
     bars = [im.colorbar for im in maps if im.colorbar is not None]
     assert len(bars) == 1 and bars[0].ax in fig.axes and (bars[0].vmin, bars[0].vmax) == maps[0].get_clim()
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_attention_maps_per_head_are_each_heads_own_in_units_of_uniform(patch):
+    """Catches per-head maps that are the mean over heads (every head the same), heads swapped or renormalized
+    together (one sum over all heads: a head would no longer average 1), and a per-head map not drawn patch by
+    patch; the averaged maps (per_head=False) stay what they were."""
+    backbone, x = tiny_vit(patch), torch.randn(3, 3, 32, 32)
+    maps = plots.attention_maps(backbone, x, per_head=True)
+    g = 32 // patch
+    assert maps.shape == (3, 2, 32, 32)                                                # (B, H, S, S)
+    blocks = maps.reshape(3, 2, g, patch, g, patch)                                    # (B, H, gy, py, gx, px)
+    assert (blocks == blocks[:, :, :, :1, :, :1]).all()  # one value per patch, over its p x p pixels
+    attn = backbone.get_last_selfattention(x)                                          # (B, H, N)
+    for h in range(2):  # each head from its own weights, renormalized over the patches: mean 1
+        want = attn[:, h] / attn[:, h].sum(1, keepdim=True) * g * g                    # (B, N)
+        torch.testing.assert_close(blocks[:, h, :, 0, :, 0].reshape(3, g * g), want)
+    torch.testing.assert_close(maps.mean((2, 3)), torch.ones(3, 2))
+    assert not torch.allclose(maps[:, 0], maps[:, 1])  # the heads differ, even untrained
+    mean = attn.mean(1)
+    torch.testing.assert_close(plots.attention_maps(backbone, x)[:, ::patch, ::patch].reshape(3, g * g),
+                               mean / mean.sum(1, keepdim=True) * g * g)
+
+
+@pytest.mark.parametrize("nets, methods, shown", [
+    ([("random", 4), ("simclr", 8), ("dino", 4)], ["simclr", "dino"], "DINO"),
+    ([("random", 4), ("simclr", 8)], ["simclr"], "SimCLR"),  # no DINO network: the first method's
+])
+def test_attention_heads_figure_has_a_map_per_head_of_the_named_network(tmp_path, monkeypatch, nets, methods, shown):
+    """Catches the head-by-head figure of the wrong network (not DINO's when the study has one, a baseline's when
+    it has none) or a title that does not name it, a panel missing or too many (rows: images; columns: the image,
+    then one per head), maps not of that network's heads (its patch size) or not each head's own, a smoothing
+    interpolation, and one colour scale per map."""
+    pytest.importorskip("matplotlib")
+    study = tiny_study(tmp_path, nets, methods)
+    figures = saved_figures(monkeypatch)
+    plots.attention_heads(study, tmp_path / "heads.png", n_images=3)
+    with open(tmp_path / "heads.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    assert shown in fig._suptitle.get_text()
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 3 * (1 + 2)  # 3 images x (the image + 2 heads)
+    maps = [ax.images[0] for ax in panels if ax.images[0].get_array().ndim == 2]
+    assert len(maps) == 3 * 2 and all(im.get_interpolation() == "nearest" for im in maps)
+    assert len({im.get_clim() for im in maps}) == 1 and maps[0].get_clim()[0] == 0  # one scale, from 0
+    patch = dict(nets)[shown.lower()]
+    for im in maps:  # of the named network: its patches, each head averaging 1 (the two heads of an image differ)
+        a = np.asarray(im.get_array())
+        assert (a == np.repeat(np.repeat(a[::patch, ::patch], patch, 0), patch, 1)).all()
+        assert abs(a.mean() - 1) < 1e-5
+    assert not np.array_equal(maps[0].get_array(), maps[1].get_array())
+    assert sum(im.colorbar is not None for im in maps) == 1
+
+
+def write_headline(study_dir):
+    """A hand-written headline.json: three seeds, two seeds, one seed, a missing column, a model without values."""
+    headline = {"columns": ["CIFAR-10 k-NN", "CIFAR-10 fine-tune", "transfer linear"],
+                "models": ["random", "supervised", "simclr", "dino"],
+                "values": {"random": {"CIFAR-10 k-NN": {"0": 28.5, "1": 29.5, "2": 27.0},
+                                      "CIFAR-10 fine-tune": {"0": 20.0}, "transfer linear": {"0": 10.0, "1": 14.0}},
+                           "supervised": {"CIFAR-10 k-NN": {"0": 50.0, "1": 53.0, "2": 52.0},
+                                          "transfer linear": {"1": 30.0, "0": 33.0}},
+                           "simclr": {"CIFAR-10 k-NN": {"0": 35.1, "1": 34.8, "2": 35.5},
+                                      "CIFAR-10 fine-tune": {"0": 60.0, "2": 61.0}, "transfer linear": {"2": 22.0}}}}
+    (study_dir / "headline.json").write_text(json.dumps(headline))
+    return headline
+
+
+def test_seeds_figure_draws_each_seed_and_mean_plus_minus_sample_std(tmp_path, monkeypatch):
+    """Catches the seeds figure plotting the wrong values (another column's, another model's, or one seed's for
+    all), a model on another row than its place in headline.json, the population std (n) instead of the sample
+    std (n - 1) of the table's ±, a bar drawn for a single seed, and a model without values breaking the figure."""
+    pytest.importorskip("matplotlib")
+    headline = write_headline(tmp_path)
+    figures = saved_figures(monkeypatch)
+    plots.seeds(tmp_path, tmp_path / "seeds.png")
+    with open(tmp_path / "seeds.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    assert "each dot a seed; bar: mean ± std" in fig._suptitle.get_text()
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(panels) == headline["columns"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["random init", "supervised", "SimCLR", "DINO"]
+    for column, ax in panels.items():
+        lines = ax.get_lines()
+        dots = {float(ln.get_ydata()[0]): sorted(ln.get_xdata()) for ln in lines if ln.get_marker() == "o"}
+        ticks = {float(ln.get_ydata()[0]): list(ln.get_xdata()) for ln in lines if ln.get_marker() == "|"}
+        bars = {float(ln.get_ydata()[0]): list(ln.get_xdata()) for ln in lines if ln.get_marker() == "None"}
+        want_dots, want_ticks, want_bars = {}, {}, {}
+        for y, model in enumerate(headline["models"]):
+            v = list(headline["values"].get(model, {}).get(column, {}).values())
+            if not v:
+                continue
+            mean = sum(v) / len(v)
+            want_dots[y], want_ticks[y] = sorted(v), [mean]
+            if len(v) > 1:
+                std = math.sqrt(sum((a - mean) ** 2 for a in v) / (len(v) - 1))
+                want_bars[y] = [mean - std, mean + std]
+        assert dots == pytest.approx(want_dots) and ticks == pytest.approx(want_ticks), column
+        assert bars == pytest.approx(want_bars), column
+    assert panels["CIFAR-10 k-NN"].get_lines()[0].get_color() == "grey"  # the untrained baseline in grey
+
+
+def test_figures_without_their_input_are_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    """Catches make_figures failing on a study folder without headline.json (every folder older than the seeds
+    figure) or without a pretrained network (the head-by-head figure), instead of drawing the rest and saying
+    which it skipped; and the seeds figure not drawn when headline.json is there."""
+    pytest.importorskip("matplotlib")
+    for name in ("curves", "attention", "pca"):  # the other figures need networks: not what is tested here
+        monkeypatch.setattr(plots, name, lambda study, out: Path(out).write_bytes(b""))
+    monkeypatch.setattr(plots, "views", lambda study, outdir: [])
+    (tmp_path / "study.json").write_text(json.dumps({"models": [], "methods": ["simclr"], "out": str(tmp_path)}))
+    paths = plots.make_figures(tmp_path)
+    assert sorted(os.path.basename(p) for p in paths) == ["attention.png", "curves.png", "pca.png"]
+    notes = [s for s in capsys.readouterr().out.splitlines() if "skipped" in s]
+    assert len(notes) == 2 and "attention_heads.png" in notes[0] and "seeds.png" in notes[1], notes
+    write_headline(tmp_path)
+    assert "seeds.png" in map(os.path.basename, plots.make_figures(tmp_path))
 
 
 def test_view_grid_has_a_header_naming_each_column(tmp_path):

@@ -98,9 +98,9 @@ def test_sharpening_needs_a_colder_teacher():
 
 
 # ---- model ----
-def tiny_model(K=48, seed=0):
+def tiny_model(K=48, seed=0, norm_last_layer=True):
     torch.manual_seed(seed)
-    return dino.DINO(vit.vit_mini(img_size=16, patch_size=8), 64, 32, K)
+    return dino.DINO(vit.vit_mini(img_size=16, patch_size=8), 64, 32, K, norm_last_layer)
 
 
 def test_head_layers_and_the_last_layer_normalized_with_g_fixed_at_1():
@@ -119,6 +119,32 @@ def test_head_layers_and_the_last_layer_normalized_with_g_fixed_at_1():
         head.last_layer.weight.mul_(torch.rand(48, 1) * 5 + 0.1)
     torch.testing.assert_close(head(x), cosines)
     assert head(x).abs().max() <= 1 + 1e-6
+
+
+def test_last_layer_with_a_learned_norm_scales_each_row_by_its_own_g():
+    """Catches --no-norm-last-layer that still fixes the rows' length at 1 (g not a parameter, or not used), a g
+    shared by all rows, one that does not start at 1, and a g in the default head (its checkpoints would change)."""
+    head = dino.DINOHead(192, 64, 32, 48, norm_last_layer=False)
+    assert set(head.state_dict()) - set(dino.DINOHead(192, 64, 32, 48).state_dict()) == {"last_layer_g"}
+    g = dict(head.named_parameters())["last_layer_g"]
+    assert g.requires_grad and torch.equal(g, torch.ones(48, 1))
+    x = torch.randn(5, 192)
+    cosines = F.normalize(head.mlp(x), dim=1) @ F.normalize(head.last_layer.weight, dim=1).T
+    torch.testing.assert_close(head(x), cosines)  # g = 1 at the start: the fixed-norm head's output
+    with torch.no_grad():
+        g.copy_(torch.rand(48, 1) * 3 + 0.5)
+    torch.testing.assert_close(head(x), cosines * g.T)  # logit k scaled by row k's own g
+
+
+@pytest.mark.needs_dino
+def test_learned_norm_is_frozen_with_the_last_layer_then_trained():
+    """Catches a learned g that the --freeze-last-layer epochs leave training (the reference freezes every
+    parameter of the last layer), or that is never trained."""
+    seen = []
+    fixed_batch_run(3, freeze_last_layer=1, norm_last_layer=False, spy=lambda m: seen.append(
+        m.head.last_layer_g.detach().clone()))
+    g0, g1, g2 = seen                                                 # before epochs 0, 1, 2
+    assert torch.equal(g1, g0) and not torch.equal(g2, g1)
 
 
 def test_teacher_output_comes_from_the_teacher_on_the_global_crops_only(monkeypatch):
@@ -172,12 +198,12 @@ def fixed_loader(n=32, n_small=2, batch_size=None):
     return torch.utils.data.DataLoader(items, batch_size=batch_size or n)
 
 
-def fixed_batch_run(epochs, m=0.9, freeze_last_layer=0, steps_per_epoch=1, spy=None):
+def fixed_batch_run(epochs, m=0.9, freeze_last_layer=0, steps_per_epoch=1, spy=None, norm_last_layer=True):
     """train_one_epoch for `epochs` epochs over a fixed batch of 32 images (steps_per_epoch steps each), constant
     lr 1e-3, teacher temperature 0.04 and EMA weight m; spy(model) before each epoch. Returns the model."""
     args = dino.get_args_parser().parse_args(["--device", "cpu", "--epochs", str(epochs),
                                               "--freeze-last-layer", str(freeze_last_layer)])
-    model = tiny_model()
+    model = tiny_model(norm_last_layer=norm_last_layer)
     optimizer = torch.optim.AdamW(dino.param_groups(model, 0.04), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader, center = fixed_loader(32, batch_size=32 // steps_per_epoch), torch.zeros(48)

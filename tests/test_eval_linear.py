@@ -350,6 +350,31 @@ def test_main_checkpoint_with_finetune(tmp_path, capsys):
 
 
 @pytest.mark.needs_knn
+@pytest.mark.parametrize("flags, path", [([], "batched"), (["--aug", "pil"], "pil")])
+def test_finetune_views_are_the_finetune_recipe_on_the_path_aug_names(tmp_path, capsys, monkeypatch, flags, path):
+    """Catches fine-tuning on un-augmented images or another recipe than data.finetune_spec (MoCo v2's crop of
+    20-100% of the area and a flip, no colour), with another normalization or seed than the run's, or on another
+    path than --aug names (auto: batched, as the training scripts)."""
+    spec = data.finetune_spec(16)
+    assert (spec.size, spec.scale, spec.flip_p, spec.jitter_p, spec.gray_p, spec.blur_p, spec.solarize_p) == (
+        16, (0.2, 1.0), 0.5, 0.0, 0.0, 0.0, 0.0)
+    kw = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=1, num_heads=2).kwargs
+    design_checkpoint(tmp_path / "c.pt", kw)
+    calls, taken = [], []
+    monkeypatch.setattr(data, "build_train_loader", lambda *a, real=data.build_train_loader, **k: (
+        calls.append((a, k)) or real(*a, **k)))
+    monkeypatch.setattr(data, "build_device_loader", lambda *a, real=data.build_device_loader, **k: (
+        taken.append("batched") or real(*a, **k)))
+    eval_linear.main(["--ckpt", str(tmp_path / "c.pt"), "--workers", "0", "--no-probe", "--finetune",
+                      "--finetune-epochs", "1", "--batch-size", "128", "--seed", "3", *flags])
+    (args, kwargs), = calls
+    assert args[1] == [spec] and tuple(map(tuple, args[2:4])) == data.MEAN_STD["folder"]
+    assert kwargs["seed"] == 3 and kwargs["aug"] == (flags[1] if flags else "auto")
+    assert taken == (["batched"] if path == "batched" else [])
+    assert f"augmentation: {path} (" in capsys.readouterr().out
+
+
+@pytest.mark.needs_knn
 def test_main_transfer_uses_the_pretraining_normalization(tmp_path, capsys, monkeypatch):
     """Catches a transfer evaluation that normalizes with the evaluation data's constants instead of the ones
     the backbone was pretrained with (CIFAR-10's here; ImageNet's for timm weights)."""

@@ -28,8 +28,10 @@ import study  # noqa: E402
 import tinyimagenet20  # noqa: E402
 
 # One step of batch 64 on the 5 x 13 seen-class images, two on the 10 x 13 of all classes; k-NN monitor every epoch.
+# One seed; the fine-tuning on the transfer set one epoch.
 TINY = ["--dataset", "folder", "--data-dir", SAMPLE, "--arch", "vit_mini", "--patch-size", "8", "--img-size", "16", "--epochs", "1",
-        "--batch-size", "64", "--subset-per-class", "13", "--workers", "0", "--knn-every", "1"]
+        "--batch-size", "64", "--subset-per-class", "13", "--workers", "0", "--knn-every", "1", "--seeds", "1",
+        "--transfer-finetune-epochs", "1"]
 METHODS = [m for m in study.METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -81,17 +83,30 @@ def test_every_network_has_every_column(done):
     labels = ["random init", "supervised", *[study.LABELS[m] for m in METHODS]]
     assert list(cells) == labels, cells
     for label, row in cells.items():
-        assert len(row) == len(study.COLUMNS) - 1 and "-" not in row, (label, row)
-        for acc in row[:8]:
-            assert 0 <= float(acc) <= 100, (label, acc)
+        assert len(row) == len(study.COLUMNS) and "-" not in row, (label, row)
+        for acc in row[:10]:
+            if not (label == "supervised" and acc is row[2]):  # its CIFAR-10 fine-tune is random init's
+                assert 0 <= float(acc) <= 100, (label, acc)
         if label != "random init":
-            assert float(row[9]) > 0, (label, row)  # images/s of its training
+            assert float(row[11]) > 0, (label, row)  # images/s of its training
+    assert cells["supervised"][2] == "—"
+    # random init fine-tuned with the labels is the supervised baseline: the same number, not a second training
+    sup = next(r for r in read_jsonl(os.path.join(done["out"], "results.jsonl"))
+               if r["run"] == "supervised_s0" and r.get("eval") == "cifar10")
+    assert cells["random init"][2] == f"{sup['finetune_top1']:.1f}"
     rows = read_jsonl(os.path.join(done["out"], "results.jsonl"))
     evals = [r for r in rows if r["kind"] == "eval"]
     assert all(r["command"].startswith("python eval_linear.py ") for r in evals)
     # 1% of the sample's 100 train images per class: one per class; 10%: ten
     main = [r for r in evals if r["eval"] == "cifar10"]
     assert {(r["num_0.01"], r["num_0.1"], r["num_train"], r["num_test"]) for r in main} == {(10, 100, 1000, 1000)}
+    tuned = {(r["run"], r["eval"]): r for r in evals if r["eval"] in ("finetune", "finetune_transfer")}
+    assert set(tuned) == {*((f"{m}_s0", "finetune") for m in METHODS),
+                          *((f"{m}_s0", "finetune_transfer") for m in ["random", "supervised", *METHODS])}
+    # on the pretraining images (2 steps of 64 of the 130), on the transfer set's 200 (3 steps of 64)
+    assert {r["images_per_epoch"] for (_, e), r in tuned.items() if e == "finetune"} == {128}
+    assert {(r["images_per_epoch"], r["num_test"]) for (_, e), r in tuned.items() if e == "finetune_transfer"} == {
+        (192, 100)}
     unseen = [r for r in evals if r["eval"] == "unseen"]
     assert {(r["num_classes"], r["num_test"]) for r in unseen} == {(5, 500)} and len(unseen) == 2 + len(METHODS)
     pre = {r["run"]: r for r in rows if r["kind"] == "pretrain"}
@@ -119,6 +134,9 @@ def test_table_states_each_protocol_once(done):
                  "(dog, frog, horse, ship, truck)", "65 of their train images (the same 13 per class)",
                  "- **Transfer**: the CIFAR-10 networks, frozen, on transfer (200 train / 100 test",
                  "- **Cost**: pretraining wall-clock", "- **Baselines**: *random init*",
+                 "- **Fine-tune**: every network and a new linear head trained end to end",
+                 "the supervised baseline's budget (1 epoch, batch 64); random init's is the supervised baseline",
+                 "Transfer: on transfer's train images, 1 epoch.", "One seed.",
                  "Command: `python benchmarks/study.py", "Hardware: "):
         assert text.count(line) == 1, line
 
@@ -132,11 +150,13 @@ def test_table_states_each_protocol_once(done):
 @pytest.mark.needs_swav_loss
 def test_numbers_are_eval_linears(done):
     """Catches a study whose in-process evaluation drifts from eval_linear's CLI (another normalization, image
-    size, k-NN setting or probe seed): the row's recorded command must print the same k-NN and linear top-1.
-    On the transfer rows (small, and where the pretraining normalization matters), a method's and random init's."""
-    rows = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl"))
-            if r["kind"] == "eval" and r["eval"] == "transfer" and r["run"] in ("byol_s0", "random_s0")]
-    assert len(rows) == 2
+    size, k-NN setting, probe or fine-tuning seed, lr or epochs): the row's recorded command must print the same
+    k-NN and linear top-1, or the same fine-tune top-1. On the transfer rows (small, and where the pretraining
+    normalization matters), a method's and random init's; a method's fine-tune on its pretraining images."""
+    rows = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl")) if r["kind"] == "eval" and (
+        r["eval"], r["run"]) in {("transfer", "byol_s0"), ("transfer", "random_s0"), ("finetune", "simclr_s0"),
+                                 ("finetune_transfer", "random_s0")}]
+    assert len(rows) == 4
     for r in rows:
         argv = shlex.split(r["command"])[2:]
         cwd = os.getcwd()
@@ -145,7 +165,10 @@ def test_numbers_are_eval_linears(done):
             (cli,) = eval_linear.main(argv + ["--workers", "0"])
         finally:
             os.chdir(cwd)
-        assert (cli["knn_top1"], cli["linear_top1"]) == pytest.approx((r["knn_top1"], r["linear_top1"]), abs=1e-6)
+        if r["eval"].startswith("finetune"):  # the same network trained the same way
+            assert cli["finetune_top1"] == pytest.approx(r["finetune_top1"], abs=1e-6), r["command"]
+        else:
+            assert (cli["knn_top1"], cli["linear_top1"]) == pytest.approx((r["knn_top1"], r["linear_top1"]), abs=1e-6)
 
 
 @pytest.mark.needs_simclr_aug
@@ -159,7 +182,7 @@ def test_figures_exist_and_are_small(done):
     """Catches a figure that is not drawn (a plot crashing on one-epoch logs) or grows past a README-sized PNG."""
     if not HAVE_MATPLOTLIB:
         pytest.skip("matplotlib is not installed (requirements-dev.txt has it)")
-    names = ["curves", "attention", "pca"] + [f"views_{m}" for m in METHODS]
+    names = ["curves", "attention", "attention_heads", "pca", "seeds"] + [f"views_{m}" for m in METHODS]
     for name in names:
         path = os.path.join(done["out"], "figures", f"{name}.png")
         with open(path, "rb") as f:
@@ -185,8 +208,9 @@ def test_second_invocation_redoes_nothing(done, capsys):
     for m in METHODS:
         assert f"[study] {m}_s0: complete (1/1 epochs), skipped" in out
     assert "[study] supervised_s0: complete (1 epoch), skipped" in out
-    # random init: 3 evaluations; supervised: 2 + 1 (its five-class network); every method: 2 + 1
-    assert out.count("in results.jsonl, skipped") == 6 + 3 * len(METHODS)
+    # random init: 4 evaluations (k-NN / linear on CIFAR-10, transfer, unseen; the transfer fine-tune);
+    # supervised: 3 + 1 (its five-class network); every method: 4 (+ its CIFAR-10 fine-tune) + 1
+    assert out.count("in results.jsonl, skipped") == 8 + 5 * len(METHODS)
 
 
 @pytest.mark.needs_simclr_aug
@@ -230,7 +254,7 @@ def test_a_stopped_run_is_resumed(done, capsys):
                                                                           if r != "simclr_s0"}
     # the results of the epoch-1 checkpoint no longer count: the study evaluates the new one, the table waits for it
     cells, _ = study.table_rows(plan, read_jsonl(os.path.join(out, "results.jsonl")))
-    assert cells["simclr"][:4] == ["-"] * 4 and "-" not in cells["moco"][:4]
+    assert cells["simclr"][:5] == ["-"] * 5 and "-" not in cells["moco"][:5]
 
 
 def test_dry_run_prints_the_protocol_and_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -243,12 +267,17 @@ def test_dry_run_prints_the_protocol_and_writes_nothing(tmp_path, capsys, monkey
     cpu = study.PROTOCOLS["cpu"]
     assert not out.exists()
     for m in METHODS:
-        for flags in (f"python {m}.py --dataset folder", f"--arch {cpu['arch']} --patch-size {cpu['patch_size']}",
+        for flags in (f"python {m}.py --dataset folder", "--arch vit_mini --patch-size 8",
                       f"--epochs {cpu['epochs']} --batch-size {cpu['batch_size']}", f"{m}_s0"):
             assert flags in printed, (m, flags)
         assert f"[study] {m}5_s0: python {m}.py" in printed
+    assert cpu["archs"] == ["vit_mini/8"] and cpu["seeds"] == 3 and cpu["unseen_seeds"] == 1
     assert "eval_linear.py --random-init --arch vit_mini --patch-size 8 --img-size 32" in printed
-    assert "--finetune --finetune-epochs" in printed
+    assert f"--finetune --finetune-epochs {cpu['epochs']} --finetune-lr {cpu['finetune_lr']:g}" in printed
+    # three seeds, each its own subset draw; the five-class runs for seed 0 only
+    for seed in (1, 2):
+        assert f"--data-dir {out}/data/train_1000pc_s{seed} " in printed and f"simclr_s{seed}:" in printed
+    assert "simclr5_s0:" in printed and "simclr5_s1" not in printed
     # a repository without swav.py (yet): the other methods run, swav is named in a note
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -285,6 +314,79 @@ def test_mean_and_sample_std_over_seeds():
     """Catches the population std (n) instead of the sample std (n - 1), or a mean over missing values."""
     assert study.mean_std([70.0, 72.0, 74.0]) == "72.0 ± 2.0"
     assert study.mean_std([44.41]) == "44.4" and study.mean_std([]) == "-" and study.mean_std([None, 3.0]) == "3.0"
+
+
+def test_paired_differences_over_seeds():
+    """Catches a comparison that is not paired (the seed-to-seed swing both networks share hides a steady
+    difference), a one-sided or too lenient rule, or a difference claimed from one seed."""
+    swing = {0: 30.0, 1: 36.0, 2: 33.0}  # the subsets differ more than the two networks do
+    a = {s: v + 1.0 + 0.1 * s for s, v in swing.items()}  # 1.0, 1.1, 1.2 above: every seed, small spread
+    m, sd, claimed = study.paired(a, swing)
+    assert (m, sd, claimed) == (pytest.approx(1.1), pytest.approx(0.1), True)
+    # t = 1.1 / (0.1 / sqrt 3) = 19 > 4.30 (2 degrees of freedom); below, the other sign, the same rule
+    assert study.paired(swing, a)[2] and study.paired(swing, a)[0] == pytest.approx(-1.1)
+    b = {0: 31.0, 1: 35.5, 2: 34.0}  # +1, -0.5, +1: t = 0.5 / (0.866 / sqrt 3) = 1.0, within noise
+    assert study.paired(b, swing)[2] is False
+    c = {0: 31.0, 1: 36.6, 2: 33.2}  # +1, +0.6, +0.2 (all above, t = 3.46 < 4.30): still within noise
+    assert study.paired(c, swing)[2] is False
+    assert study.paired({0: 40.0}, {0: 30.0}) == (10.0, None, False)  # one seed says nothing about noise
+    assert study.paired({0: 31.0, 1: 31.0}, {0: 30.0, 1: 30.0})[2]  # no spread at all: a real difference
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_seeds_draw_their_own_subsets_and_the_table_states_their_spread(tmp_path):
+    """Catches seeds that share one subset draw or one initialization (the spread would hide the noise it is
+    there to show), a mean ± std that is not over the seeds' own numbers, a headline.json (the seeds figure's
+    data) that is not the table's, and a reading that claims a difference the seeds do not support."""
+    transfer = small_folder(tmp_path / "transfer", train_per_class=20, test_per_class=10)
+    out = str(tmp_path / "out")
+    argv = [*with_flag(TINY, "--seeds", "2"), "--methods", "simclr", "--no-unseen", "--transfer-dir", transfer,
+            "--out", out, "--no-figures"]
+    table = study.main(argv)
+    trees = [os.path.join(out, "data", name) for name in ("train_13pc", "train_13pc_s1")]
+    draws = [study.class_files(t, "train") for t in trees]
+    assert draws[0] != draws[1] and all({len(f) for f in d.values()} == {13} for d in draws)
+    rows = read_jsonl(os.path.join(out, "results.jsonl"))
+    ckpts = [torch.load(os.path.join(out, "runs", f"simclr_s{s}", "checkpoint.pt"), weights_only=True)
+             for s in (0, 1)]
+    assert [c["args"]["seed"] for c in ckpts] == [0, 1]
+    assert [os.path.realpath(os.path.join(ROOT, c["args"]["data_dir"])) for c in ckpts] == [
+        os.path.realpath(t) for t in trees]
+    cells, headline = table_cells(table), json.load(open(os.path.join(out, "headline.json")))
+    for model, label in (("simclr", "SimCLR"), ("random", "random init")):
+        knn = [next(r["knn_top1"] for r in rows if r["run"] == f"{model}_s{s}" and r.get("eval") == "cifar10")
+               for s in (0, 1)]
+        m, sd = (knn[0] + knn[1]) / 2, abs(knn[0] - knn[1]) / 2 ** 0.5  # sample std of two values
+        assert cells[label][0] == f"{m:.1f} ± {sd:.1f}", (label, cells[label][0], knn)
+        assert headline["values"][model]["CIFAR-10 k-NN"] == {"0": knn[0], "1": knn[1]}
+    tuned = [next(r["finetune_top1"] for r in rows if r["run"] == f"simclr_s{s}" and r.get("eval") == "finetune")
+             for s in (0, 1)]
+    assert headline["values"]["simclr"]["CIFAR-10 fine-tune"] == {"0": tuned[0], "1": tuned[1]}
+    assert "Mean ± sample std over 2 seeds" in table and "What the 2 seeds support" in table
+    # two seeds: t must exceed 12.7; the reading lists every headline column with a verdict between neighbours
+    reading = [s for s in table.splitlines() if s.startswith("- CIFAR-10 k-NN: ")]
+    assert len(reading) == 1 and (" ≈ " in reading[0] or " > " in reading[0])
+
+
+def test_archs_give_each_shape_a_study_of_its_own(tmp_path, capsys):
+    """Catches --archs that runs one shape only, puts two shapes' runs in one folder (the second would resume the
+    first's checkpoints), or accepts a shape that does not exist."""
+    out = tmp_path / "two"
+    study.main(["--protocol", "cpu", "--dataset", "folder", "--data-dir", SAMPLE, "--transfer-dir", SAMPLE,
+                "--out", str(out), "--archs", "vit_mini/8,vit_tiny/4", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert f"--arch vit_mini --patch-size 8 --img-size 32 " in printed
+    assert f"--arch vit_tiny --patch-size 4 --img-size 32 " in printed
+    assert f"--out {out}/vit_mini-8/runs/simclr_s0" in printed and f"--out {out}/vit_tiny-4/runs/simclr_s0" in printed
+    assert printed.count(f"--data-dir {out}/data/train_1000pc ") >= 10  # the subsets are shared
+    assert not out.exists()
+    gpu = study.PROTOCOLS["gpu"]
+    assert gpu["archs"] == ["vit_tiny/4", "vit_small/4"]
+    for bad in ("vit_huge/4", "vit_tiny", "vit_tiny/four"):
+        with pytest.raises(SystemExit, match="expected <arch>/<patch size>"):
+            study.main(["--out", str(out), "--archs", bad, "--dry-run"])
 
 
 def test_dry_run_with_the_defaults_needs_nothing_but_the_repository(tmp_path):
