@@ -146,6 +146,7 @@ def resolve_cfg(args):
         if cfg["img_size"] % split_arch(a)[1]:
             raise SystemExit(f"--img-size {cfg['img_size']} is not a multiple of the patch size of {a}")
     cfg["unseen_seeds"] = min(cfg["unseen_seeds"] or cfg["seeds"], cfg["seeds"])
+    cfg["supervised_epochs"] = args.supervised_epochs or cfg["epochs"]
     return cfg
 
 
@@ -191,6 +192,10 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
     p.add_argument("--no-unseen", action="store_true",
                    help="skip the five-class pretrainings and the unseen-classes columns (a third of the cost)")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning columns")
+    p.add_argument("--supervised-epochs", type=int, default=None,
+                   help="the supervised baseline's epochs, and the CIFAR-10 fine-tuning's (default: --epochs; "
+                        "more: the same wall-clock as a pretraining, since its epoch costs less)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes (default: protocol)")
     g = p.add_argument_group("overrides of the protocol (tests, smaller or longer studies)")
@@ -389,13 +394,15 @@ def make_plan(args, arch=None):
         m["trees"] = trees[m["seed"]]
         m["evals"] = []
         if m["part"] == "main":  # fine-tuning on CIFAR-10: random init's is the supervised baseline itself
-            m["evals"] = ["cifar10", "transfer", *(["finetune"] if "cmd" in m else []), "finetune_transfer"]
+            tunes = [] if args.no_finetune else [*(["finetune"] if "cmd" in m else []), "finetune_transfer"]
+            m["evals"] = ["cifar10", "transfer", *tunes]
         if m["model"] == "random" and m["seed"] < unseen_seeds:
             m["evals"].append("unseen")  # the untrained network is the same whatever it would have seen
         if m["part"] == "unseen":
             m["evals"] = ["unseen"]
     return dict(protocol=args.protocol, cfg=cfg, arch=arch, out=out, trees=trees[0], classes=classes, seen=seen,
                 unseen=unseen, num_images=num_images, methods=methods, models=models, no_unseen=args.no_unseen,
+                no_finetune=args.no_finetune,
                 unseen_seeds=unseen_seeds,
                 transfer=dict(dataset=args.transfer_dataset, data_dir=args.transfer_data_dir, download=args.download),
                 device=args.device)
@@ -486,7 +493,8 @@ def supervised_command(model, cfg):
     """The eval_linear command that trains the same network the same way and prints its fine-tune top-1."""
     return ["python", "eval_linear.py", "--random-init", "--arch", cfg["arch"], "--patch-size", str(cfg["patch_size"]),
             "--img-size", str(cfg["img_size"]), "--dataset", "folder", "--data-dir", shown(model["data_dir"]),
-            "--no-probe", "--finetune", "--finetune-epochs", str(cfg["epochs"]), "--finetune-lr", f"{cfg['finetune_lr']:g}",
+            "--no-probe", "--finetune", "--finetune-epochs", str(cfg["supervised_epochs"]),
+            "--finetune-lr", f"{cfg['finetune_lr']:g}",
             "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]), "--seed", str(model["seed"])]
 
 
@@ -517,26 +525,26 @@ def supervised(model, cfg, device, dry_run):
     state = ckpt_state(model["ckpt"])
     if state is not None:
         check_settings(model, state, cfg, check_epoch=False)
-        if state[0] == cfg["epochs"]:
-            print(f"[study] {model['name']}: complete ({plural(cfg['epochs'], 'epoch')}), skipped")
+        if state[0] == cfg["supervised_epochs"]:
+            print(f"[study] {model['name']}: complete ({plural(cfg['supervised_epochs'], 'epoch')}), skipped")
             return False
         print(f"[study] {model['name']}: trained for {plural(state[0], 'epoch')}, the study asks for "
-              f"{cfg['epochs']}: training it again")
+              f"{cfg['supervised_epochs']}: training it again")
     print(f"[study] {model['name']}: {command_line(cmd)} (in this process)", flush=True)
     if dry_run:
         return False
     torch.manual_seed(model["seed"])
     backbone = vit.ARCHS[cfg["arch"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
     result, net, seconds, images, _, _ = run_finetune(backbone, "folder", model["data_dir"], data.MEAN_STD["folder"],
-                                                     cfg["epochs"], cfg, model["seed"], device)
+                                                     cfg["supervised_epochs"], cfg, model["seed"], device)
     net[0].cpu()
-    save_baseline(model["ckpt"], net[0], "supervised", cfg["epochs"],
+    save_baseline(model["ckpt"], net[0], "supervised", cfg["supervised_epochs"],
                   {"dataset": "folder", "data_dir": model["data_dir"], "arch": cfg["arch"],
-                   "patch_size": cfg["patch_size"], "img_size": cfg["img_size"], "epochs": cfg["epochs"],
+                   "patch_size": cfg["patch_size"], "img_size": cfg["img_size"], "epochs": cfg["supervised_epochs"],
                    "batch_size": cfg["batch_size"], "lr": cfg["finetune_lr"] * cfg["batch_size"] / 256,
                    "seed": model["seed"]},
                   head=net[1].state_dict(), finetune_top1=result["top1"], finetune_top5=result["top5"],
-                  seconds=seconds, img_per_s=images * cfg["epochs"] / seconds)
+                  seconds=seconds, img_per_s=images * cfg["supervised_epochs"] / seconds)
     return True
 
 
@@ -560,7 +568,7 @@ def eval_setting(plan, model, name):
 
 
 def finetune_epochs(plan, name):
-    return plan["cfg"]["epochs"] if name == "finetune" else plan["cfg"]["transfer_finetune_epochs"]
+    return plan["cfg"]["supervised_epochs"] if name == "finetune" else plan["cfg"]["transfer_finetune_epochs"]
 
 
 def eval_command(plan, model, name):
@@ -778,7 +786,7 @@ def table_rows(plan, rows):
         cells = []
         for key, _ in COLUMNS:
             v = list(cols[key].values())
-            if key.startswith("unseen") and plan["no_unseen"]:
+            if key.startswith("unseen") and plan["no_unseen"] or "finetune" in key and plan.get("no_finetune"):
                 cells.append("not run")
             elif model == "random" and key in ("seconds", "img_per_s"):
                 cells.append("none")
@@ -821,19 +829,21 @@ def differences(plan, values):
         have = {m: v[key] for m, v in values.items() if v[key]}
         if len(have) < 2:
             continue
+        # random init's CIFAR-10 fine-tune is the supervised baseline (column_values)
+        names = {**LABELS, "random": "random init (= supervised)"} if key == "finetune" else LABELS
         order = sorted(have, key=lambda m: -sum(have[m].values()) / len(have[m]))
-        text = f"{LABELS[order[0]]} {sum(have[order[0]].values()) / len(have[order[0]]):.1f}"
+        text = f"{names[order[0]]} {sum(have[order[0]].values()) / len(have[order[0]]):.1f}"
         for prev, m in zip(order, order[1:]):
-            text += f" {'>' if paired(have[prev], have[m])[2] else '≈'} {LABELS[m]} " \
+            text += f" {'>' if paired(have[prev], have[m])[2] else '≈'} {names[m]} " \
                     f"{sum(have[m].values()) / len(have[m]):.1f}"
         for base in ("random", "supervised"):
-            if base in have:
-                above = [LABELS[m] for m in methods if m in have and paired(have[m], have[base])[2]
-                         and paired(have[m], have[base])[0] > 0]
-                below = [LABELS[m] for m in methods if m in have and paired(have[m], have[base])[2]
-                         and paired(have[m], have[base])[0] < 0]
-                text += f"; above {LABELS[base]}: {', '.join(above) or 'none'}"
-                text += f", below: {', '.join(below)}" if below else ""
+            if base not in have:  # (supervised has no CIFAR-10 fine-tune of its own)
+                continue
+            verdicts = {m: paired(have[m], have[base]) for m in methods if m in have}  # m - base
+            above = [LABELS[m] for m, (d, _, claimed) in verdicts.items() if claimed and d > 0]
+            below = [LABELS[m] for m, (d, _, claimed) in verdicts.items() if claimed and d < 0]
+            text += f"; above {names[base]}: {', '.join(above) or 'none'}"
+            text += f", below: {', '.join(below)}" if below else ""
         lines.append(f"- {name}: {text}")
     return lines
 
@@ -893,20 +903,26 @@ def write_table(plan, rows, argv):
         f"- **Transfer**: the CIFAR-10 networks, frozen, on {target} ({size('transfer', 'num_train')} train / "
         f"{size('transfer', 'num_test')} test images, {size('transfer', 'num_classes')} classes) resized to "
         f"{cfg['img_size']} px, with the pretraining normalization; k-NN / linear as above.",
-        f"- **Fine-tune**: every network and a new linear head trained end to end (`eval_linear.py --finetune`: "
-        f"AdamW lr {cfg['finetune_lr']:g} per 256 images, 5% warmup then cosine, weight decay 0.05, no layer decay, "
-        f"random-resized-crop + flip, cross-entropy), top-1 on the test images. CIFAR-10: with the labels of its "
-        f"pretraining images, the supervised baseline's budget ({plural(cfg['epochs'], 'epoch')}, batch "
-        f"{cfg['batch_size']}); random init's is the supervised baseline itself. Transfer: on {target}'s train "
-        f"images, {plural(cfg['transfer_finetune_epochs'], 'epoch')}. The lr: "
-        + (FINETUNE_LR_NOTE[plan["protocol"]] if cfg["finetune_lr"] == PROTOCOLS[plan["protocol"]]["finetune_lr"]
-           else "given on the command line") + ".",
+    ]
+    if not plan.get("no_finetune"):
+        lines.append(
+            f"- **Fine-tune**: every network and a new linear head trained end to end (`eval_linear.py --finetune`: "
+            f"AdamW lr {cfg['finetune_lr']:g} per 256 images, 5% warmup then cosine, weight decay 0.05, no layer "
+            f"decay, random-resized-crop + flip, cross-entropy), top-1 on the test images. CIFAR-10: with the labels "
+            f"of its pretraining images, the supervised baseline's budget ({plural(cfg['supervised_epochs'], 'epoch')}"
+            f", batch {cfg['batch_size']}); random init's is the supervised baseline itself. Transfer: on {target}'s "
+            f"train images, {plural(cfg['transfer_finetune_epochs'], 'epoch')}. The lr: "
+            + (FINETUNE_LR_NOTE[plan["protocol"]] if cfg["finetune_lr"] == PROTOCOLS[plan["protocol"]]["finetune_lr"]
+               else "given on the command line") + ".")
+    same = ("for the same epochs" if cfg["supervised_epochs"] == cfg["epochs"]
+            else f"for {plural(cfg['supervised_epochs'], 'epoch')} (the pretrainings: {cfg['epochs']})")
+    lines += [
         "- **Cost**: pretraining wall-clock (the training epochs, without start-up and the k-NN monitor; supervised: "
         "with its one pass over the test images) and images/s (each image with all its views), on the hardware "
         "below; the machine may be shared: compare within the column.",
         "- **Baselines**: *random init* is the same ViT untrained (`eval_linear.py --random-init`, same seed). "
-        "*supervised* is the same ViT trained from random init with the labels of the same images for the same "
-        "epochs and batch (`eval_linear.py --random-init --finetune`: AdamW, random-resized-crop + flip, "
+        f"*supervised* is the same ViT trained from random init with the labels of the same images {same} "
+        "and batch (`eval_linear.py --random-init --finetune`: AdamW, random-resized-crop + flip, "
         f"cross-entropy); its own classifier reaches {mean_std(own)}% top-1 on CIFAR-10 test; its columns are the "
         "same probes on its frozen features. It was trained with every label of its training images, so its 1% / 10% "
         "columns are not few-label numbers; its unseen-classes network was trained on the labels of the seen classes.",

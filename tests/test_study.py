@@ -333,6 +333,23 @@ def test_paired_differences_over_seeds():
     assert study.paired({0: 31.0, 1: 31.0}, {0: 30.0, 1: 30.0})[2]  # no spread at all: a real difference
 
 
+def test_reading_claims_only_what_the_paired_test_supports():
+    """Catches a reading that ranks by mean alone ('>' between networks within noise), compares neighbours
+    unpaired, or lists a method above a baseline that the paired test does not put there; and one that calls
+    random init's CIFAR-10 fine-tune anything but the supervised baseline."""
+    seeds = lambda *v: dict(enumerate(v))  # noqa: E731
+    values = {"random": {k: seeds(30, 31, 29) for k in study.HEADLINE},
+              "supervised": {k: {} if k == "finetune" else seeds(34, 35, 33) for k in study.HEADLINE},
+              "simclr": {k: seeds(38, 38.5, 37) for k in study.HEADLINE},
+              "dino": {k: seeds(30.5, 31.2, 29.9) for k in study.HEADLINE}}  # +0.5, +0.2, +0.9: t 2.6 < 4.3
+    lines = study.differences({"methods": ["simclr", "dino"]}, values)
+    assert len(lines) == len(study.HEADLINE)
+    assert lines[0] == ("- CIFAR-10 k-NN: SimCLR 37.8 > supervised 34.0 > DINO 30.5 ≈ random init 30.0; "
+                        "above random init: SimCLR; above supervised: SimCLR, below: DINO")
+    assert lines[2] == ("- CIFAR-10 fine-tune: SimCLR 37.8 > DINO 30.5 ≈ random init (= supervised) 30.0; "
+                        "above random init (= supervised): SimCLR")
+
+
 @pytest.mark.needs_simclr_aug
 @pytest.mark.needs_simclr_loss
 @pytest.mark.needs_knn
@@ -387,6 +404,23 @@ def test_archs_give_each_shape_a_study_of_its_own(tmp_path, capsys):
     for bad in ("vit_huge/4", "vit_tiny", "vit_tiny/four"):
         with pytest.raises(SystemExit, match="expected <arch>/<patch size>"):
             study.main(["--out", str(out), "--archs", bad, "--dry-run"])
+
+
+def test_supervised_epochs_and_no_finetune(tmp_path, capsys):
+    """Catches --supervised-epochs that does not reach the supervised baseline (or the CIFAR-10 fine-tuning, which
+    has its budget), that changes the pretrainings' epochs, and --no-finetune that still fine-tunes. (The
+    one-hour headline gives each side the same wall-clock this way: a supervised epoch costs less.)"""
+    base = ["--protocol", "cpu", "--seeds", "1", "--methods", "simclr", "--dataset", "folder", "--data-dir", SAMPLE,
+            "--transfer-dir", SAMPLE, "--out", str(tmp_path / "x"), "--epochs", "4", "--supervised-epochs", "9",
+            "--dry-run"]
+    study.main(base)
+    printed = capsys.readouterr().out
+    assert "--random-init --arch vit_mini --patch-size 8 --img-size 32 --dataset folder" in printed
+    assert printed.count("--finetune-epochs 9 ") == 3  # supervised_s0, supervised5_s0, simclr_s0 on finetune
+    assert "python simclr.py" in printed and "--epochs 4 " in printed and "--epochs 9" not in printed
+    study.main([*base, "--no-finetune"])
+    printed = capsys.readouterr().out
+    assert printed.count(" --finetune ") == 2 and "on finetune" not in printed  # the supervised baselines' own
 
 
 def test_dry_run_with_the_defaults_needs_nothing_but_the_repository(tmp_path):
