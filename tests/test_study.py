@@ -276,7 +276,8 @@ def test_dry_run_prints_the_protocol_and_writes_nothing(tmp_path, capsys, monkey
     assert f"--finetune --finetune-epochs {cpu['epochs']} --finetune-lr {cpu['finetune_lr']:g}" in printed
     # three seeds, each its own subset draw; the five-class runs for seed 0 only
     for seed in (1, 2):
-        assert f"--data-dir {out}/data/train_1000pc_s{seed} " in printed and f"simclr_s{seed}:" in printed
+        tree = study.shown(str(out / "data" / f"train_1000pc_s{seed}"))  # (relative where the repo's folder is near)
+        assert f"--data-dir {tree} " in printed and f"simclr_s{seed}:" in printed
     assert "simclr5_s0:" in printed and "simclr5_s1" not in printed
     # a repository without swav.py (yet): the other methods run, swav is named in a note
     repo = tmp_path / "repo"
@@ -396,8 +397,9 @@ def test_archs_give_each_shape_a_study_of_its_own(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"--arch vit_mini --patch-size 8 --img-size 32 " in printed
     assert f"--arch vit_tiny --patch-size 4 --img-size 32 " in printed
-    assert f"--out {out}/vit_mini-8/runs/simclr_s0" in printed and f"--out {out}/vit_tiny-4/runs/simclr_s0" in printed
-    assert printed.count(f"--data-dir {out}/data/train_1000pc ") >= 10  # the subsets are shared
+    for shape in ("vit_mini-8", "vit_tiny-4"):
+        assert f"--out {study.shown(str(out / shape / 'runs' / 'simclr_s0'))}" in printed, shape
+    assert printed.count(f"--data-dir {study.shown(str(out / 'data' / 'train_1000pc'))} ") >= 10  # shared subsets
     assert not out.exists()
     gpu = study.PROTOCOLS["gpu"]
     assert gpu["archs"] == ["vit_tiny/4", "vit_small/4"]
