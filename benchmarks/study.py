@@ -860,6 +860,7 @@ def write_table(plan, rows, argv):
     """table.md: the table, then each protocol once (sizes read off the results), the command and the hardware."""
     cfg, n, t = plan["cfg"], plan["cfg"]["subset_per_class"], plan["transfer"]
     cells, latest = table_rows(plan, rows)
+    values = column_values(plan, latest)  # every seed's numbers: the reading and headline.json (the seeds figure)
     few = 0 < plan["unseen_seeds"] < cfg["seeds"]  # the unseen-classes columns of fewer seeds than the others
     headers = [h + (" (seed 0)" if few and key.startswith("unseen") and plan["unseen_seeds"] == 1 else "")
                for key, h in COLUMNS]
@@ -930,7 +931,7 @@ def write_table(plan, rows, argv):
     if cfg["seeds"] > 1:
         lines += ["", f"What the {cfg['seeds']} seeds support ('>': a paired t-test over the seeds rejects 'no "
                       f"difference' at the 5% level, two-sided; '≈': within noise):",
-                  *differences(plan, column_values(plan, latest))]
+                  *differences(plan, values)]
     lines += [
         "",
         f"Command: `{study_command(argv)}`",
@@ -941,7 +942,6 @@ def write_table(plan, rows, argv):
     text = "\n".join(lines) + "\n"
     with open(os.path.join(plan["out"], "table.md"), "w") as f:
         f.write(text)
-    values = column_values(plan, latest)  # every seed's headline numbers, for the seeds figure (plots.py)
     with open(os.path.join(plan["out"], "headline.json"), "w") as f:
         json.dump({"columns": list(HEADLINE.values()), "models": list(values),
                    "values": {m: {HEADLINE[k]: {str(s): v for s, v in values[m][k].items()} for k in HEADLINE}
