@@ -976,6 +976,12 @@ def run_study(args, argv, arch, device, docs=False):
             json.dump({**plan, "argv": argv, "command": study_command(argv)}, f, indent=1)
     rows = read_rows(results)
     failed = []
+
+    def keep(row):  # each row as soon as it exists: a killed study keeps it
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+
     # runs on all classes first (the main columns), the five-class runs last: a study stopped early has those
     for model in sorted(plan["models"], key=lambda m: m["part"] == "unseen"):
         try:
@@ -991,23 +997,15 @@ def run_study(args, argv, arch, device, docs=False):
             continue
         mtime = None if args.dry_run else os.stat(model["ckpt"]).st_mtime_ns
         have = {(r["kind"], r.get("eval")) for r in rows if r["run"] == model["name"] and r["ckpt_mtime"] == mtime}
-        for name in ([None] if model["model"] != "random" else []) + model["evals"]:
-            if name is None:  # the pretraining's cost
-                if ("pretrain", None) not in have and not args.dry_run:
-                    new = pretrain_row(plan, model)
-                else:
-                    continue
-            elif ("eval", name) in have:
+        if model["model"] != "random" and ("pretrain", None) not in have and not args.dry_run:
+            keep(pretrain_row(plan, model))  # the pretraining's cost
+        for name in model["evals"]:
+            if ("eval", name) in have:
                 print(f"[study] {model['name']} on {name}: in results.jsonl, skipped")
-                continue
             elif args.dry_run:
                 print(f"[study] {model['name']} on {name}: {shlex.join(eval_command(plan, model, name))}")
-                continue
             else:
-                new = (finetune_eval if name in FINETUNES else evaluate)(plan, model, name, device)
-            with open(results, "a") as f:  # each row as soon as it exists: a killed study keeps it
-                f.write(json.dumps(new) + "\n")
-            rows.append(new)
+                keep((finetune_eval if name in FINETUNES else evaluate)(plan, model, name, device))
     if args.dry_run:
         return None, failed
     table = write_table(plan, rows, argv)
