@@ -22,6 +22,8 @@
   (a DistributedSampler, one replica in one process), drop_last; `set_epoch(loader, epoch)` every epoch.
   `build_device_loader(dataset, specs, mean, std, batch_size, device, seed)` yields the same batches of the
   same images, with the views made on `device`.
+- `build_eval_loader(dataset, img_size, mean, std, ...)`: every script's evaluation loader (k-NN, probes),
+  un-augmented and in order, from the decoded set where no resizing is needed (bit for bit the PIL path's).
 
 Why batched is the default: on the 2-core CPU of the README's benchmarks it trains every method faster end to end
 than PIL loader workers (`python benchmarks/method_speed.py --sides ours,ours-pil`), and on a GPU PIL workers
@@ -652,19 +654,26 @@ def _base(dataset):
     return dataset, indices
 
 
-def decoded_bytes(dataset):
-    """The size of a training set as one uint8 (N, 3, H, W) tensor, without decoding it: torchvision's arrays
-    are in memory already; an ImageFolder's is estimated from its first image's header."""
+def image_shape(dataset):
+    """(3, H, W) of a dataset's images as decode_all keeps them, without decoding: torchvision's arrays are in
+    memory already; an ImageFolder's first image's header. None where that image cannot be read."""
     base, indices = _base(dataset)
-    n = len(dataset)
-    if isinstance(base, (torchvision.datasets.CIFAR10, torchvision.datasets.STL10)):
-        return base.data[:1].nbytes * n
+    if isinstance(base, torchvision.datasets.CIFAR10):  # (N, H, W, 3)
+        return (3, *base.data.shape[1:3])
+    if isinstance(base, torchvision.datasets.STL10):  # (N, 3, H, W)
+        return tuple(base.data.shape[1:])
     try:
         with Image.open(base.samples[0 if indices is None else indices[0]][0]) as img:
             w, h = img.size
     except (OSError, SyntaxError, ValueError):
-        return 0  # an unreadable first image: decoding names it
-    return 3 * h * w * n
+        return None  # an unreadable first image: decoding names it
+    return (3, h, w)
+
+
+def decoded_bytes(dataset):
+    """The size of a training set as one uint8 (N, 3, H, W) tensor, without decoding it (image_shape)."""
+    shape = image_shape(dataset)
+    return 0 if shape is None else math.prod(shape) * len(dataset)
 
 
 def _files_key(samples, classes):
@@ -792,6 +801,61 @@ def build_train_loader(dataset, specs, mean, std, batch_size, workers, device, s
     base, _ = _base(dataset)
     base.transform = pil_views(specs, mean, std)
     return build_loader(dataset, batch_size, workers, train=True, seed=seed)
+
+
+class DecodedEval:
+    """build_eval_loader's loader over the decoded set: batches of (normalized float32 (B, 3, H, W), labels (B,)),
+    in order, this process's Shard under torch.distributed. The pixels go through eval_transform's own tensor
+    ops (ToDtype with scale, then Normalize), so a batch equals the PIL path's bit for bit."""
+
+    def __init__(self, images, labels, mean, std, batch_size, rank=0, world=1):
+        self.images, self.labels, self.mean, self.std = images, labels, list(mean), list(std)
+        self.batch_size, self.indices = batch_size, torch.arange(rank, len(images), world)
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[i:i + self.batch_size]
+            x = v2.functional.to_dtype(self.images[idx], torch.float32, scale=True)          # (B, 3, H, W)
+            yield v2.functional.normalize(x, self.mean, self.std), self.labels[idx]
+
+
+class Transformed(Dataset):
+    """dataset[i] = (transform(image), label) for a dataset of (image, label) and a transform."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return self.transform(img), label
+
+
+def build_eval_loader(dataset, img_size, mean, std, batch_size, workers):
+    """The evaluation loader (k-NN, linear probe, the features of every script): in order, everything, this
+    process's Shard under torch.distributed; batches of (eval_transform(img_size, mean, std) of the images,
+    labels). dataset: build_dataset's without a transform, or a Subset of one.
+
+    Where the images are img_size squares already (eval_transform's Resize and CenterCrop are then no-ops) and
+    the set fits BATCHED_BUDGET, the batches come from the set decoded once (decode_all, cached beside a folder:
+    DecodedEval), equal to PIL's bit for bit; else from build_loader's PIL workers. CIFAR-10's 60,000 JPEGs
+    through one PIL worker cost about 105 s of every evaluation on the README's 2-core CPU; the decoded set is
+    read from its cache in about a second."""
+    if image_shape(dataset) == (3, img_size, img_size) and decoded_bytes(dataset) <= BATCHED_BUDGET:
+        try:
+            images, labels, _ = decode_all(dataset, workers)
+        except MixedSizes:
+            pass
+        else:
+            distributed = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+            return DecodedEval(images, labels, mean, std, batch_size, rank, world)
+    return build_loader(Transformed(dataset, eval_transform(img_size, mean, std)), batch_size, workers, train=False)
 
 
 def build_device_loader(dataset, specs, mean, std, batch_size, device, seed=0, workers=1, show=False):

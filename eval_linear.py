@@ -125,7 +125,7 @@ def gather_features(feats, labels):
 def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07):
     """k-NN top-1 (percent) of `backbone`'s CLS features: what the training scripts log every --knn-every epochs.
 
-    The loaders should be un-augmented (data.eval_transform) and unshuffled; extract_features restores the
+    The loaders should be un-augmented and unshuffled (data.build_eval_loader); extract_features restores the
     backbone's train/eval mode. Under torch.distributed every process must call it: each extracts the
     features of its data.Shard of the images, the shards are gathered, and every process returns the same
     accuracy (no process idles in a collective while another extracts 60,000 images alone).
@@ -510,12 +510,11 @@ def main(argv=None):
 
     def get_loaders(img_size, mean_std):
         if (img_size, mean_std) not in loaders:
-            tf = data.eval_transform(img_size, *mean_std)
-            train_set = data.build_dataset(dataset, data_dir, "train", transform=tf, download=args.download)
-            test_set = data.build_dataset(dataset, data_dir, "test", transform=tf, download=args.download)
+            train_set = data.build_dataset(dataset, data_dir, "train", download=args.download)
+            test_set = data.build_dataset(dataset, data_dir, "test", download=args.download)
             num_classes = data.num_classes(train_set)
             # fine-tuning's views: batched on the device or PIL in workers (data.build_train_loader, --aug)
-            aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None
+            aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None  # its own transform
             if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
                 labels = getattr(train_set, "targets", None) or train_set.labels
                 train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
@@ -524,8 +523,10 @@ def main(argv=None):
             aug = aug_set and data.build_train_loader(aug_set, [data.finetune_spec(img_size)], *mean_std,
                                                       args.batch_size, args.workers, device, seed=args.seed,
                                                       aug=args.aug, announce=True)
-            loaders[img_size, mean_std] = (data.build_loader(train_set, args.batch_size, args.workers, train=False),
-                                           data.build_loader(test_set, args.batch_size, args.workers, train=False),
+            loaders[img_size, mean_std] = (data.build_eval_loader(train_set, img_size, *mean_std, args.batch_size,
+                                                                  args.workers),
+                                           data.build_eval_loader(test_set, img_size, *mean_std, args.batch_size,
+                                                                  args.workers),
                                            aug, num_classes)
         return loaders[img_size, mean_std]
 

@@ -354,11 +354,9 @@ def main(argv=None):
         raise SystemExit(f"error: --queue {args.queue} must be a multiple of --batch-size {args.batch_size} and at "
                          f"most the {len(train_set)} training images (an image's own key would be its negative)")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
-        eval_tf = data.eval_transform(args.img_size, mean, std)
-        knn_train = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "train", eval_tf),
-                                      256, args.workers, train=False)
-        knn_test = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "test", eval_tf),
-                                     256, args.workers, train=False)
+        knn_train, knn_test = (data.build_eval_loader(data.build_dataset(args.dataset, args.data_dir, split),
+                                                      args.img_size, mean, std, 256, args.workers)
+                               for split in ("train", "test"))
 
     # ---- model ----
     backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,

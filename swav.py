@@ -412,11 +412,9 @@ def main(argv=None):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
-        eval_tf = data.eval_transform(args.img_size, mean, std)
-        knn_train = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "train", eval_tf),
-                                      256, args.workers, train=False)
-        knn_test = data.build_loader(data.build_dataset(args.dataset, args.data_dir, "test", eval_tf),
-                                     256, args.workers, train=False)
+        knn_train, knn_test = (data.build_eval_loader(data.build_dataset(args.dataset, args.data_dir, split),
+                                                      args.img_size, mean, std, 256, args.workers)
+                               for split in ("train", "test"))
 
     # ---- model ----
     backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,

@@ -259,9 +259,8 @@ def pca(study, out, n_points=1000):
     cmap = plt.get_cmap("tab10")
     for k, (model, ckpt) in enumerate(nets):
         backbone, size, mean_std = load(ckpt)
-        sub = torch.utils.data.Subset(data.build_dataset("folder", study["trees"]["eval"], "test",
-                                                         data.eval_transform(size, *mean_std)), idx)
-        loader = data.build_loader(sub, 256, 0, train=False)
+        sub = torch.utils.data.Subset(data.build_dataset("folder", study["trees"]["eval"], "test"), idx)
+        loader = data.build_eval_loader(sub, size, *mean_std, 256, 0)
         feats, labels = eval_linear.extract_features(backbone, loader, "cpu")           # (n, D), (n,)
         x = feats - feats.mean(0)
         _, s, v = torch.linalg.svd(x, full_matrices=False)

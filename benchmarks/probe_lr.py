@@ -46,9 +46,8 @@ def main(argv=None):
     rows = []
     for backbone, meta in models:
         mean_std = meta["mean_std"] or data.MEAN_STD[args.dataset]
-        tf = data.eval_transform(meta["vit_kwargs"]["img_size"], *mean_std)
-        train_set = data.build_dataset(args.dataset, args.data_dir, "train", tf, download=True)
-        loader = data.build_loader(train_set, 256, args.workers, train=False)
+        train_set = data.build_dataset(args.dataset, args.data_dir, "train", download=True)
+        loader = data.build_eval_loader(train_set, meta["vit_kwargs"]["img_size"], *mean_std, 256, args.workers)
         feats, labels = eval_linear.extract_features(backbone.to(device), loader, device)
         fit, val = eval_linear.stratified_split(labels.cpu(), args.val_fraction, seed=0)
         fit, val = fit.to(device), val.to(device)

@@ -505,10 +505,10 @@ def run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, seed, devic
     epoch, number of classes, test images)."""
     size = backbone.kwargs["img_size"]
     aug_set = data.build_dataset(dataset, data_dir, "train", download=download)
-    test_set = data.build_dataset(dataset, data_dir, "test", data.eval_transform(size, *mean_std), download=download)
+    test_set = data.build_dataset(dataset, data_dir, "test", download=download)
     aug = data.build_train_loader(aug_set, [data.finetune_spec(size)], *mean_std, cfg["batch_size"], cfg["workers"],
                                   device, seed=seed)  # eval_linear's --aug auto: batched where it fits
-    test = data.build_loader(test_set, 256, cfg["workers"], train=False)
+    test = data.build_eval_loader(test_set, size, *mean_std, 256, cfg["workers"])
     lr = cfg["finetune_lr"] * cfg["batch_size"] / 256  # per 256 images, scaled by the batch as the CLI scales it
     torch.manual_seed(seed)
     t0 = time.time()
@@ -627,16 +627,15 @@ def evaluate(plan, model, name, device):
     backbone, meta = eval_linear.load_backbone(model["ckpt"])
     img_size = meta["vit_kwargs"]["img_size"]                   # the pretraining resolution (eval_linear's default)
     mean_std = tuple(map(tuple, meta["mean_std"] or data.MEAN_STD[dataset]))  # the pretraining normalization
-    tf = data.eval_transform(img_size, *mean_std)
     download = plan["transfer"]["download"]
-    train_set = data.build_dataset(dataset, data_dir, "train", tf, download=download)
-    test_set = data.build_dataset(dataset, data_dir, "test", tf, download=download)
+    train_set = data.build_dataset(dataset, data_dir, "train", download=download)
+    test_set = data.build_dataset(dataset, data_dir, "test", download=download)
     num_classes = data.num_classes(train_set)
     t0 = time.time()
     backbone.to(device)
     feats = {}
     for split, ds in (("train", train_set), ("test", test_set)):
-        loader = data.build_loader(ds, 256, cfg["workers"], train=False)   # eval_linear's default --batch-size
+        loader = data.build_eval_loader(ds, img_size, *mean_std, 256, cfg["workers"])  # eval_linear's --batch-size
         feats[split] = eval_linear.extract_features(backbone, loader, device)
     (xtr, ytr), (xte, yte) = feats["train"], feats["test"]
     seed = model["seed"]

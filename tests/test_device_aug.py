@@ -461,3 +461,57 @@ def test_choose_aug_budget_from_the_first_image(tmp_path):
         assert data.choose_aug("batched", ds, "cpu")[0] == "batched" and data.choose_aug("pil", ds, "cpu")[0] == "pil"
     finally:
         data.BATCHED_BUDGET = old
+
+
+# ---- the evaluation loader ----
+
+def pil_eval_batches(ds, size, batch_size):
+    """The PIL evaluation path: build_loader over eval_transform, as every script's features were made before."""
+    return list(data.build_loader(data.Transformed(ds, data.eval_transform(size, MEAN, STD)), batch_size, 0,
+                                  train=False))
+
+
+@pytest.mark.parametrize("size, budget, decoded", [(32, None, True), (24, None, False), (32, 1000, False)])
+def test_eval_loader_equals_the_pil_path_bit_for_bit(sample_train, size, budget, decoded, monkeypatch):
+    """Catches the decoded evaluation path changing any feature: pixels that differ from eval_transform's in any
+    bit (another scale, the normalization missing or swapped), batches out of order, labels shifted, the last
+    partial batch dropped; and the decoded path taken where eval_transform must resize (24 px of 32 px images)
+    or where the set is over the budget, or not taken where it applies."""
+    if budget is not None:
+        monkeypatch.setattr(data, "BATCHED_BUDGET", budget)
+    loader = data.build_eval_loader(sample_train, size, MEAN, STD, 96, workers=0)
+    assert isinstance(loader, data.DecodedEval) == decoded
+    got, want = list(loader), pil_eval_batches(sample_train, size, 96)
+    assert len(got) == len(loader) == len(want) == math.ceil(1000 / 96)
+    for (x, y), (x_want, y_want) in zip(got, want):
+        assert x.shape == (len(y_want), 3, size, size)
+        assert torch.equal(x, x_want) and torch.equal(torch.as_tensor(y), y_want)
+
+
+def test_eval_loader_of_a_subset_and_of_mixed_sizes(sample_train, tmp_path):
+    """Catches a Subset (eval_linear --val-fraction) evaluated on the whole set or other images, and a folder of
+    mixed sizes that fails instead of taking the PIL path (which resizes each image)."""
+    part = torch.utils.data.Subset(sample_train, list(range(5, 1000, 7)))
+    got, want = list(data.build_eval_loader(part, 32, MEAN, STD, 50, 0)), pil_eval_batches(part, 32, 50)
+    assert len(got) == len(want) == 3
+    assert all(torch.equal(x, xw) and torch.equal(y, yw) for (x, y), (xw, yw) in zip(got, want))
+    mixed = folder_of(tmp_path, [(32, 32), (32, 32), (40, 48)])
+    loader = data.build_eval_loader(mixed, 32, MEAN, STD, 2, 0)
+    assert not isinstance(loader, data.DecodedEval)
+    assert [x.shape for x, _ in loader] == [(2, 3, 32, 32), (1, 3, 32, 32)]
+
+
+def test_eval_loader_under_torch_distributed(sample_train, tmp_path, monkeypatch):
+    """Catches the decoded evaluation path not sharding by rank and world size (each process would extract, and
+    the gather would repeat, every image) or sharding otherwise than build_loader's Shard: as rank 1 of 2."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+        loader = data.build_eval_loader(sample_train, 32, MEAN, STD, 64, 0)
+        assert isinstance(loader, data.DecodedEval)
+        got, want = list(loader), pil_eval_batches(sample_train, 32, 64)
+        assert len(got) == len(want) == math.ceil(500 / 64)
+        assert all(torch.equal(x, xw) and torch.equal(y, yw) for (x, y), (xw, yw) in zip(got, want))
+    finally:
+        torch.distributed.destroy_process_group()
