@@ -63,10 +63,14 @@ def save(fig, out):
 
 
 def networks(study):
-    """The seed-0 networks trained on all classes, in the table's order: [(model, checkpoint path)]."""
+    """The seed-0 networks trained on all classes, in the table's order: [(model, checkpoint path)]. NoFigure where
+    none has its checkpoint (deleted, or a results.jsonl carried without them: study.kept_mtime)."""
     models = {m["model"]: m for m in study["models"] if m["seed"] == 0 and m["part"] == "main"}
     order = ["random", "supervised", *study["methods"]]
-    return [(k, models[k]["ckpt"]) for k in order if k in models and os.path.exists(models[k]["ckpt"])]
+    nets = [(k, models[k]["ckpt"]) for k in order if k in models and os.path.exists(models[k]["ckpt"])]
+    if not nets:
+        raise NoFigure("no seed-0 checkpoint in the study folder")
+    return nets
 
 
 def read_log(run_dir):
@@ -84,7 +88,9 @@ def curves(study, out):
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator  # whole epochs on the x axes
     runs = {m["model"]: m for m in study["models"] if m["seed"] == 0 and m["part"] == "main" and "cmd" in m}
-    methods = [m for m in study["methods"] if m in runs]
+    methods = [m for m in study["methods"] if m in runs and read_log(runs[m]["run_dir"])]
+    if not methods:
+        raise NoFigure("no seed-0 training log in the study folder")
     start = None
     for r in read_results(study):
         if r.get("run") == "random_s0" and r.get("eval") == "cifar10":

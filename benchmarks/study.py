@@ -34,7 +34,10 @@ that reproduces its numbers.
 
 A killed study resumes: a run whose checkpoint.pt is complete (epoch == epochs) is skipped, a partial one is
 continued with the method's --resume, and an evaluation already in results.jsonl for the same checkpoint file
-(same modification time) is not redone. The supervised baseline has no checkpoint mid-run: it restarts.
+(same modification time) is not redone. The supervised baseline has no checkpoint mid-run: it restarts. A network
+whose checkpoint is gone but whose rows are all in results.jsonl, with the commands the study would run now, keeps
+its cells and is not trained again: the checkpoints may be deleted to free the disk, or results.jsonl carried into
+an empty --out on another machine to finish a study there (the figures need seed 0's checkpoints and logs).
 
 Does a fixed subset seen for several epochs teach as much as one pass over all 50,000 images at the same cost
 (the cpu protocol's choice)? The same number of steps both ways, SimCLR and the supervised baseline:
@@ -671,19 +674,39 @@ def evaluate(plan, model, name, device):
     return row
 
 
+def train_command(model, cfg):
+    """The command line that trains a network: its method's script, or eval_linear's for the supervised baseline."""
+    return shlex.join(supervised_command(model, cfg)) if model["model"] == "supervised" else command_line(model["cmd"])
+
+
+def kept_mtime(plan, model, rows):
+    """For a network whose checkpoint is gone (deleted to free the disk, or results.jsonl carried to another
+    machine): the ckpt_mtime of a complete set of its rows, the training's and every evaluation's, each with the
+    command the plan would run now; else None. Such a network keeps its cells and is not trained again."""
+    want = {("eval", name): shlex.join(eval_command(plan, model, name)) for name in model["evals"]}
+    if model["model"] != "random":
+        want["pretrain", None] = train_command(model, plan["cfg"])
+    found = {}  # ckpt_mtime -> the rows of `want` made from that checkpoint
+    for r in rows:
+        key = (r["kind"], r.get("eval"))
+        if r["run"] == model["name"] and want.get(key) == r["command"]:
+            found.setdefault(r["ckpt_mtime"], set()).add(key)
+    return max((mtime for mtime, keys in found.items() if keys == set(want)), default=None)
+
+
 def pretrain_row(plan, model):
     """The cost of one network's training (a results row)."""
     cfg = plan["cfg"]
     if model["model"] == "supervised":
         ck = torch.load(model["ckpt"], map_location="cpu", weights_only=True)
-        seconds, img_per_s, command = ck["seconds"], ck["img_per_s"], shlex.join(supervised_command(model, cfg))
+        seconds, img_per_s = ck["seconds"], ck["img_per_s"]
     else:
         seconds, img_per_s = log_cost(model["run_dir"])
-        command = command_line(model["cmd"])
     return dict(kind="pretrain", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
                 data_dir=model["data_dir"], num_images=model["num_images"], epochs=cfg["epochs"],
                 batch_size=cfg["batch_size"], seconds=seconds, img_per_s=img_per_s,
-                wall_seconds=model.get("wall_seconds"), command=command, hardware=hardware(plan["device"]),
+                wall_seconds=model.get("wall_seconds"), command=train_command(model, cfg),
+                hardware=hardware(plan["device"]),
                 # the machines are shared: the 5-minute load average as the run ended says how much
                 load_avg=round(os.getloadavg()[1], 2) if hasattr(os, "getloadavg") else None,
                 ckpt=model["ckpt"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
@@ -748,12 +771,13 @@ SOURCES = {"knn": ("eval", "cifar10", "knn_top1"), "linear": ("eval", "cifar10",
 
 
 def current_rows(plan, rows):
-    """{(kind, run, eval): the last results row} of the study's networks whose checkpoint is the one on disk."""
-    current = {m["name"]: m for m in plan["models"]}
+    """{(kind, run, eval): the last results row} of the study's networks from the checkpoint on disk, or where none
+    is, from the checkpoint of the complete set of rows it left (kept_mtime)."""
+    mtimes = {m["name"]: os.stat(m["ckpt"]).st_mtime_ns if os.path.exists(m["ckpt"]) else kept_mtime(plan, m, rows)
+              for m in plan["models"]}
     latest = {}
     for r in rows:
-        m = current.get(r["run"])
-        if m and os.path.exists(m["ckpt"]) and r["ckpt_mtime"] == os.stat(m["ckpt"]).st_mtime_ns:
+        if mtimes.get(r["run"]) is not None and r["ckpt_mtime"] == mtimes[r["run"]]:
             latest[r["kind"], r["run"], r.get("eval")] = r
     return latest
 
@@ -983,6 +1007,10 @@ def run_study(args, argv, arch, device, docs=False):
 
     # runs on all classes first (the main columns), the five-class runs last: a study stopped early has those
     for model in sorted(plan["models"], key=lambda m: m["part"] == "unseen"):
+        if not os.path.exists(model["ckpt"]) and kept_mtime(plan, model, rows) is not None:
+            print(f"[study] {model['name']}: no checkpoint, but every row it needs is in results.jsonl: kept "
+                  f"(delete its rows to train it again)")
+            continue
         try:
             if model["model"] == "random":
                 random_init(model, cfg, args.dry_run)

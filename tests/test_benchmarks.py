@@ -232,6 +232,19 @@ def test_figures_without_their_input_are_skipped_with_a_note(tmp_path, monkeypat
     figure) or without a pretrained network (the head-by-head figure), instead of drawing the rest and saying
     which it skipped; and the seeds figure not drawn when headline.json is there."""
     pytest.importorskip("matplotlib")
+    monkeypatch.setattr(plots, "views", lambda study, outdir: [])
+    gone = {"seed": 0, "part": "main", "ckpt": str(tmp_path / "gone.pt"), "run_dir": str(tmp_path / "gone"),
+            "cmd": ["python", "simclr.py"]}
+    (tmp_path / "study.json").write_text(json.dumps({"models": [{**gone, "model": "random"},
+                                                                {**gone, "model": "simclr"}],
+                                                     "methods": ["simclr"], "out": str(tmp_path)}))
+    write_headline(tmp_path)
+    # checkpoints and logs gone (results.jsonl carried without them): only the seeds figure, and no empty panels
+    assert [os.path.basename(p) for p in plots.make_figures(tmp_path)] == ["seeds.png"]
+    notes = [s for s in capsys.readouterr().out.splitlines() if "skipped" in s]
+    assert [s.split(".png")[0] for s in notes] == [f"[plots] {n}" for n in ("curves", "attention", "attention_heads",
+                                                                            "pca")], notes
+    os.remove(tmp_path / "headline.json")
     for name in ("curves", "attention", "pca"):  # the other figures need networks: not what is tested here
         monkeypatch.setattr(plots, name, lambda study, out: Path(out).write_bytes(b""))
     monkeypatch.setattr(plots, "views", lambda study, outdir: [])

@@ -233,6 +233,53 @@ def test_checkpoint_of_other_settings_is_refused(done):
 @pytest.mark.needs_byol
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
+def test_rows_without_their_checkpoints_keep_their_cells(done, tmp_path, capsys, monkeypatch):
+    """Catches a study that retrains (or drops from its table) the networks whose checkpoints are gone but whose
+    rows are all in results.jsonl (deleted to free the disk, or the file carried to another machine), one that
+    keeps a network missing a row (one evaluation's) instead of training it again, and one that keeps rows whose
+    commands are not the ones it would run now (another --epochs). The study folder is restored afterwards."""
+    out, results = done["out"], os.path.join(done["out"], "results.jsonl")
+    rows = read_jsonl(results)
+    plan = study.make_plan(study.get_args_parser().parse_args(done["argv"]))
+    original, _ = study.table_rows(plan, rows)
+    trained = []
+    monkeypatch.setattr(study, "pretrain", lambda model, cfg, dry_run: trained.append(model["name"]) or True)
+    monkeypatch.setattr(study, "random_init", lambda model, cfg, dry_run: trained.append(model["name"]) or True)
+    monkeypatch.setattr(study, "supervised", lambda model, cfg, device, dry_run: trained.append(model["name"]) or True)
+    moved = {m["ckpt"]: str(tmp_path / f"{m['name']}.pt") for m in plan["models"]}
+    shutil.copy(results, tmp_path / "results.jsonl")
+    try:
+        for ckpt, aside in moved.items():
+            os.replace(ckpt, aside)
+        with open(results, "w") as f:  # every row but MoCo's transfer evaluation
+            f.writelines(json.dumps(r) + "\n" for r in rows if (r["run"], r.get("eval")) != ("moco_s0", "transfer"))
+        study.main([*done["argv"], "--dry-run"])
+        printed = capsys.readouterr().out
+        assert trained == ["moco_s0"]  # the one network with a row missing
+        assert all(f"[study] {m['name']}: no checkpoint, but every row it needs is in results.jsonl: kept" in printed
+                   for m in plan["models"] if m["name"] != "moco_s0")
+        cells, _ = study.table_rows(plan, read_jsonl(results))
+        assert {k: v for k, v in cells.items() if k != "moco"} == {k: v for k, v in original.items() if k != "moco"}
+        assert cells["moco"][:5] == ["-"] * 5 and "-" not in original["moco"][:5]
+        trained.clear()  # rows of other commands are not this study's: with --epochs 2 only the untrained ViT's are
+        study.main([*with_flag(done["argv"], "--epochs", "2"), "--dry-run"])
+        assert capsys.readouterr().out.count("no checkpoint, but") == 1
+        assert sorted(trained) == sorted(m["name"] for m in plan["models"] if m["model"] != "random")
+    finally:
+        for ckpt, aside in moved.items():
+            if os.path.exists(aside):
+                os.replace(aside, ckpt)
+        shutil.copy(tmp_path / "results.jsonl", results)
+    assert study.table_rows(plan, read_jsonl(results))[0] == original
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
 def test_a_stopped_run_is_resumed(done, capsys):
     """Catches a partial checkpoint that is retrained from scratch (or skipped as if complete) instead of continued
     with the method's --resume, and a table that keeps showing the numbers of the old checkpoint. (The last test to
@@ -520,3 +567,4 @@ def test_tinyimagenet20_is_built_from_the_archive_exactly_as_listed(tmp_path):
     with pytest.raises(SystemExit, match="drop --no-download, or give --source") as e:
         tinyimagenet20.build(str(tmp_path / "t3"), download=False, archive_dir=str(tmp_path / "empty"))
     assert "\n" not in str(e.value)
+
