@@ -703,7 +703,8 @@ def pretrain_row(plan, model):
     else:
         seconds, img_per_s = log_cost(model["run_dir"])
     return dict(kind="pretrain", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
-                data_dir=model["data_dir"], num_images=model["num_images"], epochs=cfg["epochs"],
+                data_dir=model["data_dir"], num_images=model["num_images"],
+                epochs=cfg["supervised_epochs"] if model["model"] == "supervised" else cfg["epochs"],
                 batch_size=cfg["batch_size"], seconds=seconds, img_per_s=img_per_s,
                 wall_seconds=model.get("wall_seconds"), command=train_command(model, cfg),
                 hardware=hardware(plan["device"]),

@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 import eval_linear
+import vit
 from common import ROOT, SAMPLE, small_folder
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -470,6 +471,23 @@ def test_supervised_epochs_and_no_finetune(tmp_path, capsys):
     study.main([*base, "--no-finetune"])
     printed = capsys.readouterr().out
     assert printed.count(" --finetune ") == 2 and "on finetune" not in printed  # the supervised baselines' own
+
+
+def test_pretrain_row_records_each_networks_own_epochs(tmp_path, monkeypatch):
+    """Catches a cost row that gives the supervised baseline the pretrainings' epoch count when --supervised-epochs
+    differs (the one-hour headline's 44 supervised epochs were recorded as the 18 of SimCLR)."""
+    cfg = {"epochs": 18, "supervised_epochs": 44, "batch_size": 256}
+    monkeypatch.setattr(study, "train_command", lambda model, cfg: "python ...")
+    monkeypatch.setattr(study, "log_cost", lambda run_dir: (10.0, 5.0))
+    ckpt = str(tmp_path / "supervised" / "checkpoint.pt")
+    study.save_baseline(ckpt, vit.vit_mini(img_size=16, patch_size=8), "supervised", 44, {}, seconds=3.0,
+                        img_per_s=2.0)
+    plan = {"cfg": cfg, "device": torch.device("cpu")}
+    common = {"seed": 0, "part": "main", "data_dir": SAMPLE, "num_images": 130, "ckpt": ckpt}
+    sup = study.pretrain_row(plan, {"name": "supervised_s0", "model": "supervised", **common})
+    simclr = study.pretrain_row(plan, {"name": "simclr_s0", "model": "simclr", "run_dir": str(tmp_path), **common})
+    assert (sup["epochs"], sup["seconds"], sup["img_per_s"]) == (44, 3.0, 2.0)
+    assert (simclr["epochs"], simclr["seconds"], simclr["img_per_s"]) == (18, 10.0, 5.0)
 
 
 def test_dry_run_with_the_defaults_needs_nothing_but_the_repository(tmp_path):
