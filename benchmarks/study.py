@@ -699,12 +699,12 @@ def pretrain_row(plan, model):
     cfg = plan["cfg"]
     if model["model"] == "supervised":
         ck = torch.load(model["ckpt"], map_location="cpu", weights_only=True)
-        seconds, img_per_s = ck["seconds"], ck["img_per_s"]
+        seconds, img_per_s, epochs = ck["seconds"], ck["img_per_s"], cfg["supervised_epochs"]
     else:
         seconds, img_per_s = log_cost(model["run_dir"])
+        epochs = cfg["epochs"]
     return dict(kind="pretrain", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
-                data_dir=model["data_dir"], num_images=model["num_images"],
-                epochs=cfg["supervised_epochs"] if model["model"] == "supervised" else cfg["epochs"],
+                data_dir=model["data_dir"], num_images=model["num_images"], epochs=epochs,
                 batch_size=cfg["batch_size"], seconds=seconds, img_per_s=img_per_s,
                 wall_seconds=model.get("wall_seconds"), command=train_command(model, cfg),
                 hardware=hardware(plan["device"]),
