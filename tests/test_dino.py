@@ -81,6 +81,27 @@ def test_collapse_values_of_the_loss():
 
 
 @pytest.mark.ex_dino
+@pytest.mark.parametrize("outputs", ["uniform", "random"])
+def test_loss_value_is_float64s_at_the_default_sizes(outputs):
+    """Catches a loss whose value (what the log and the kl monitor show) adds all B*K products of a pair in one
+    float32 dot product (one einsum over b and k): at the defaults' sizes (V = 10 crops, B = 512, K = 4096) uniform
+    outputs then cost 8.31205 instead of ln K = 8.31777. Reference: the same formula in float64, pair by pair.
+    Tolerance from float32's error bound, not from one CPU: a cascade (pairwise) sum of n terms, torch's CPU sum
+    and CUDA's tree reduction alike, errs by about log2(n) roundings (u = 6e-8) of the sum of magnitudes; over
+    K, B and the 18 pairs that is (12 + 9 + 5) u = 1.6e-6 of the value (measured: 1e-7)."""
+    V, B, K = 10, 512, 4096
+    torch.manual_seed(0)
+    s, t = (torch.zeros(V, B, K), torch.zeros(2, B, K)) if outputs == "uniform" else \
+        (torch.randn(V, B, K), torch.randn(2, B, K))
+    c = torch.randn(K) * 0.1
+    log_p = F.log_softmax(s.double() / 0.1, dim=-1)
+    q = F.softmax((t.double() - c.double()) / 0.04, dim=-1)
+    pairs = [(-(q[i] * log_p[v]).sum(-1)).mean() for i in range(2) for v in range(V) if v != i]
+    expected = torch.stack(pairs).mean().item()
+    assert dino.dino_loss(s, t, c, 0.1, 0.04).item() == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.ex_dino
 def test_sharpening_needs_a_colder_teacher():
     """Catches a teacher as warm as the student (no sharpening): where the student already outputs the teacher's
     logits, the loss has nothing left to teach at equal temperatures (zero gradient), while a colder teacher still
@@ -459,6 +480,7 @@ def test_collapse_shows_in_the_monitors(tmp_path, monkeypatch, tiny_data):
         log = read_log(tmp_path / name)[0]
         assert abs(log["kl"]) < 0.01
         if name == "uniform":
+            # float32's bound for these sums (K = 64, B = 200, 2 pairs; see the float64 test above): ~1e-6
             assert log["teacher_entropy"] == pytest.approx(math.log(64), rel=1e-5)
             assert log["loss"] == pytest.approx(math.log(64), rel=1e-5) and log["embed_std"] > 0.01
         else:
