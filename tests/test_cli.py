@@ -78,7 +78,8 @@ def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, ti
     argv = method_argv(method, tiny_data, out)
     module.main(argv)
     log = read_log(out, epoch0=True)
-    assert [line["epoch"] for line in log] == [0, 1] and set(log[0]) == {"epoch", "knn_top1"}
+    assert [line["epoch"] for line in log] == [0, 1] and set(log[0]) == {"epoch", "knn_top1", "knn_queries"}
+    assert log[0]["knn_queries"] == "test"
     # independently: the same ViT, built from the same seed as the script builds it, never trained
     torch.manual_seed(0)
     untrained = vit.ARCHS["vit_mini"](img_size=16, patch_size=8)
@@ -102,6 +103,30 @@ def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, ti
     with pytest.raises(SystemExit) as e:
         module.main(argv + ["--resume"])
     assert str(e.value).startswith(f"{ckpt}: not a checkpoint readable") and "\n" not in str(e.value)
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
+@pytest.mark.needs_dino
+@pytest.mark.parametrize("method", METHODS)
+def test_val_fraction_scores_the_monitor_on_train_images_held_out_of_its_bank(method, tiny_data, tmp_path):
+    """Catches a script whose --val-fraction does not reach its k-NN monitor (which then reads the test split, the
+    one every choice must not be made on) or whose log does not say which split the k-NN was scored on."""
+    out = tmp_path / "run"
+    importlib.import_module(method).main(method_argv(method, tiny_data, out) + ["--val-fraction", "0.2"])
+    log = read_log(out, epoch0=True)
+    assert log[0]["knn_queries"] == "val (0.2 of train)"
+    torch.manual_seed(0)  # independently: the untrained ViT on the train split cut by stratified_split
+    untrained = vit.ARCHS["vit_mini"](img_size=16, patch_size=8)
+    train = data.build_dataset("folder", tiny_data, "train", data.eval_transform(16, *data.MEAN_STD["folder"]))
+    bank_idx, val_idx = eval_linear.stratified_split(train.targets, 0.2)
+    loaders = [data.build_loader(torch.utils.data.Subset(train, idx), 256, 0, train=False)
+               for idx in (bank_idx, val_idx)]
+    assert log[0]["knn_top1"] == pytest.approx(eval_linear.knn_eval(untrained, *loaders, torch.device("cpu")))
 
 
 @pytest.mark.needs_simclr_aug
