@@ -215,6 +215,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
     t0, seen, loss_sum, std_sum = time.time(), 0, 0.0, 0.0
+    grad_norms = []  # before clipping, one per step: how often --clip-grad acted
     bar = tqdm(loader, desc=f"byol {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for it, ((x1, x2), _) in enumerate(bar):
         # 1. schedules: the learning rate and the target's EMA weight tau of this global step
@@ -257,6 +258,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 6. log: loss and the collapse monitor, the per-dimension std of the normalized CLS feature
         seen += x1.shape[0] * world
         loss_sum += loss_value
+        grad_norms.append(grad_value)
         std_sum += std_value
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tau=f"{m:.4f}",
                         img_s=f"{seen / (time.time() - t0):.0f}")
@@ -266,8 +268,11 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         dist.all_reduce(means)
         means /= world
     seconds = time.time() - t0
+    finite = [g for g in grad_norms if math.isfinite(g)]  # (an fp16 step the scaler skipped has an inf norm)
+    clip = {"grad_norm": sum(finite) / max(1, len(finite)), "grad_norm_max": max(finite, default=0.0),
+            "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     return {"loss": means[0].item(), "lr": optimizer.param_groups[0]["lr"], "momentum": m,
-            "embed_std": means[1].item(), "img_per_s": seen / seconds, "seconds": seconds}
+            "embed_std": means[1].item(), "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
 
 def main(argv=None):

@@ -322,6 +322,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
     t0, seen, loss_sum, std_sum, entropy_sum = time.time(), 0, 0.0, 0.0, 0.0
+    grad_norms = []  # before clipping, one per step: how often --clip-grad acted
     bar = tqdm(loader, desc=f"dino {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for it, (crops, _) in enumerate(bar):
         # 1. schedules: learning rate, weight decay (decayed group only), the teacher's EMA weight and temperature
@@ -380,6 +381,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 7. log: loss and the collapse monitors (uniform collapse: entropy ln K, kl 0; one dimension: both 0)
         seen += B * world
         loss_sum += loss_value
+        grad_norms.append(grad_value)
         std_sum += std_value
         entropy_sum += entropy_value
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -391,11 +393,14 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         dist.all_reduce(means)
         means /= world
     seconds = time.time() - t0
+    finite = [g for g in grad_norms if math.isfinite(g)]  # (an fp16 step the scaler skipped has an inf norm)
+    clip = {"grad_norm": sum(finite) / max(1, len(finite)), "grad_norm_max": max(finite, default=0.0),
+            "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     loss_mean, std_mean, entropy_mean = means.tolist()
     return {"loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
             "weight_decay": optimizer.param_groups[0]["weight_decay"], "momentum": m, "teacher_temp": teacher_temp,
             "embed_std": std_mean, "teacher_entropy": entropy_mean, "kl": loss_mean - entropy_mean,
-            "img_per_s": seen / seconds, "seconds": seconds}
+            "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
 
 def main(argv=None):

@@ -283,6 +283,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
     t0, seen, loss_sum, std_sum, entropy_sum, used_sum = time.time(), 0, 0.0, 0.0, 0.0, 0.0
+    grad_norms = []  # before clipping, one per step: how often --clip-grad acted
     bar = tqdm(loader, desc=f"swav {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for it, (crops, _) in enumerate(bar):
         # 1. schedule: the learning rate of this global step; the prototypes back on the unit sphere (C is
@@ -348,6 +349,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # feature of the global crops, the representation the k-NN and eval_linear see (as in the other methods)
         seen += B * world
         loss_sum += loss_value
+        grad_norms.append(grad_value)
         std_sum += std_value
         entropy_sum += entropy_value
         used_sum += used_value
@@ -359,9 +361,12 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         dist.all_reduce(means)
         means /= world
     seconds = time.time() - t0
+    finite = [g for g in grad_norms if math.isfinite(g)]  # (an fp16 step the scaler skipped has an inf norm)
+    clip = {"grad_norm": sum(finite) / max(1, len(finite)), "grad_norm_max": max(finite, default=0.0),
+            "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     return {"loss": means[0].item(), "lr": optimizer.param_groups[0]["lr"], "embed_std": means[1].item(),
             "codes_entropy": means[2].item(), "prototypes_used": used_sum / len(loader),
-            "img_per_s": seen / seconds, "seconds": seconds}
+            "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
 
 def main(argv=None):

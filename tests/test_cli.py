@@ -130,6 +130,28 @@ def test_val_fraction_scores_the_monitor_on_train_images_held_out_of_its_bank(me
 
 
 @pytest.mark.needs_simclr_aug
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
+@pytest.mark.needs_dino
+@pytest.mark.parametrize("method", METHODS)
+def test_the_log_says_how_often_the_gradient_clip_acted(method, tiny_data, tmp_path, monkeypatch):
+    """Catches a grad_norm logged after clipping (it would never exceed --clip-grad), a mean or max over the wrong
+    steps, and a `clipped` fraction that does not count the steps whose norm was above the threshold."""
+    # the real clip, reporting scripted norms (200 images at batch 32: 6 steps), half of them above --clip-grad
+    scripted, clip = [0.25, 4.0, 0.5, 1.0, 0.125, 2.0], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clip(*a, **k) * 0 + scripted.pop(0))
+    out = tmp_path / "run"
+    importlib.import_module(method).main(method_argv(method, tiny_data, out, epochs=1, knn_every=0)
+                                         + ["--clip-grad", "0.5"])
+    line = read_log(out)[0]
+    assert not scripted and line["grad_norm"] == pytest.approx(7.875 / 6) and line["grad_norm_max"] == 4.0
+    assert line["clipped"] == 0.5  # 4.0, 1.0 and 2.0 are above 0.5; 0.5 itself is not clipped
+
+
+@pytest.mark.needs_simclr_aug
 @pytest.mark.parametrize("method", METHODS)
 def test_a_start_that_fails_leaves_no_run_folder(method, tmp_path):
     """Catches runs/<name> created before the data is known to load, left empty by the error."""
