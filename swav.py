@@ -177,10 +177,11 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
-def default_small_crops(small_crop_size, patch_size):
+def default_small_crops(small_crop_size, img_size, patch_size):
     """--num-small-crops when it is not given: the paper's 6 where a small crop is a grid of at least 4x4 patches
-    (the paper's 96 px crops are 6x6 patches of 16), else none (see --num-small-crops)."""
-    return 6 if small_crop_size // patch_size >= 4 else 0
+    (the paper's 96 px crops are 6x6 patches of 16) and at most half the global crop's side (the paper's: 0.43),
+    else none (see --num-small-crops)."""
+    return 6 if small_crop_size // patch_size >= 4 and 2 * small_crop_size <= img_size else 0
 
 
 def get_args_parser():
@@ -250,12 +251,14 @@ def get_args_parser():
                         "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
     p.add_argument("--num-small-crops", type=int, default=None,
                    help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop. Default: 6 "
-                        "where a small crop is at least 4x4 patches (ViT-Tiny/4's 16 px crops), else 0: vit_mini/8's "
-                        "2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol (30.6 vs 34.1; untrained "
-                        "28.6) at twice the cost")
-    p.add_argument("--small-crop-size", type=int, default=16,
-                   help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
-                        "grid); a multiple of --patch-size")
+                        "where a small crop (--small-crop-size) is at least 4x4 patches and at most half the global side "
+                        "(ViT-Tiny/4 at 32 px: 16 px crops), else 0 (vit_mini/8 at 32 px: 4x4 patches are the whole "
+                        "image; its 2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol, 30.6 vs 34.1, "
+                        "untrained 28.6, at twice the cost)")
+    p.add_argument("--small-crop-size", type=int, default=None,
+                   help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
+                        "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
+                        "at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 with patch 8")
     p.add_argument("--freeze-prototypes-epochs", type=int, default=1,
                    help="the prototypes get no update in this many first epochs, whatever the dataset and batch "
                         "(reference code: its first epoch, --freeze_prototypes_niters 313 ImageNet steps at batch "
@@ -392,16 +395,20 @@ def main(argv=None):
         raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.small_crop_size is None:
+        args.small_crop_size = data.small_crop_side(args.img_size, args.patch_size)
     for flag, size in (("--img-size", args.img_size), ("--small-crop-size", args.small_crop_size)):
         if size % args.patch_size:
             raise SystemExit(f"error: {flag} {size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
     if args.num_small_crops is None:
-        args.num_small_crops = default_small_crops(args.small_crop_size, args.patch_size)
+        args.num_small_crops = default_small_crops(args.small_crop_size, args.img_size, args.patch_size)
         if is_main and not args.num_small_crops:
             side = args.small_crop_size // args.patch_size
-            print(f"note: no small crops: a {args.small_crop_size} px crop would be {side}x{side} patches of "
-                  f"{args.patch_size} px (--num-small-crops sets them)")
+            why = (f"{side}x{side} patches of {args.patch_size} px" if side < 4 else
+                   f"more than half of the {args.img_size} px global crop")
+            print(f"note: no small crops: a {args.small_crop_size} px crop would be {why} "
+                  f"(--num-small-crops sets them)")
     args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
