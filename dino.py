@@ -93,8 +93,9 @@ def dino_loss(student, teacher, center, student_temp, teacher_temp):
 
 
 @torch.no_grad()
-def update_center(center, teacher, momentum, distributed=False):
-    """c <- m c + (1 - m) mean of the teacher's logits (Algorithm 1's last line, Eq. 4), in place.
+def update_center(center, teacher, center_momentum, distributed=False):
+    """c <- m c + (1 - m) mean of the teacher's logits, m the center_momentum (Algorithm 1's last line, Eq. 4), in
+    place.
 
     center: (K,); teacher: (2, B, K) this process's logits of the 2 global crops. distributed: the mean is over
     all processes' samples (all-reduced), so every process keeps the same centre, the one of the global batch.
@@ -104,7 +105,7 @@ def update_center(center, teacher, momentum, distributed=False):
     if distributed:
         dist.all_reduce(total)
         count *= dist.get_world_size()
-    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+    center.mul_(center_momentum).add_(total / count, alpha=1 - center_momentum)
 
 
 # ---- model ----
@@ -333,7 +334,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         for group in optimizer.param_groups:
             group["lr"] = lr_schedule(step)
         optimizer.param_groups[0]["weight_decay"] = wd_schedule(step)
-        m, teacher_temp = momentum_schedule(step), teacher_temp_schedule(step)
+        teacher_momentum, teacher_temp = momentum_schedule(step), teacher_temp_schedule(step)  # Algorithm 1's l
 
         # 2. all crops through the student, the 2 global ones through the teacher
         crops = [x.to(device, non_blocking=True) for x in crops]                  # V x (B, C, H_v, W_v)
@@ -375,8 +376,8 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         scaler.update()
 
         # 5. the teacher follows the student: theta_t <- l theta_t + (1 - l) theta_s
-        ema_update(model.teacher_backbone, model.backbone, m)
-        ema_update(model.teacher_head, model.head, m)
+        ema_update(model.teacher_backbone, model.backbone, teacher_momentum)
+        ema_update(model.teacher_head, model.head, teacher_momentum)
 
         # 6. the centre follows the teacher's mean output over the global batch, after the loss that used it
         update_center(center, t, args.center_momentum, distributed)
@@ -401,7 +402,8 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
             "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     loss_mean, std_mean, entropy_mean = means.tolist()
     return {"loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
-            "weight_decay": optimizer.param_groups[0]["weight_decay"], "momentum": m, "teacher_temp": teacher_temp,
+            "weight_decay": optimizer.param_groups[0]["weight_decay"], "momentum": teacher_momentum,
+            "teacher_temp": teacher_temp,
             "embed_std": std_mean, "teacher_entropy": entropy_mean, "kl": loss_mean - entropy_mean,
             "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
