@@ -6,8 +6,8 @@ Transformers", ICCV 2021, https://arxiv.org/abs/2104.14294
 The method (§3.1, Algorithm 1, Figure 2): every image is cut into 2 global crops and several small ones
 (multi-crop). The student (ViT + a 3-layer MLP head with K outputs) sees every crop; the teacher, the same
 network whose weights are an exponential moving average of the student's (no gradient), sees the 2 global crops
-only. Each student output softmax(s / 0.1) learns to match the teacher's softmax((t - c) / tau_t) of the other
-global crop, by cross-entropy: small crops predict the whole image ("local-to-global"). There are no negatives
+only. Each student output softmax(s / 0.1) learns to match, by cross-entropy, the teacher's softmax((t - c) / tau_t)
+of every global crop but its own: a global crop the other one, a small crop both ("local-to-global"). There are no negatives
 and no clustering: what keeps the outputs apart is the balance of centering (c, an EMA of the teacher's mean
 output, is subtracted: no output dimension may take every image) and sharpening (tau_t of 0.04-0.07 is below the
 student's 0.1: the teacher's output may not be uniform).
@@ -36,20 +36,30 @@ study (benchmarks/study.py) runs it at the quarter lr over 3 seeds and says whet
 
 Differences from the paper (and from the reference code, main_dino.py):
   - ViT (CLS token) on 32 px images instead of ViT-S/16 at 224 px; multi-crop 2x32 + 8x16 px instead of 2x224 +
-    8x96 px (the small side rounded to the patch grid), and no small crops by default where one would be fewer
-    than 4x4 patches (see --num-small-crops). No stochastic depth (the reference student: 0.1).
+    8x96 px: the small side is the paper's 96/224 of the global side rounded to the patch grid and raised to 4x4
+    patches (data.small_crop_side: 13.7 px would round to 12, 3x3 patches of 4, so 16), and no small crops by
+    default where that crop is more than half the global side (vit_mini/8 at 32 px; see --num-small-crops). No
+    stochastic depth (the reference student: 0.1).
+  - vit.py's fixed 2-D sin-cos position embedding (MoCo v3's) instead of DINO's learned one, recomputed for the
+    small crops' grid instead of resampled bicubically; the patch projection Xavier-initialized as a linear layer
+    (MAE's, MoCo v3's) instead of Conv2d's default.
   - K = 4096 outputs instead of 65536 (see --out-dim), batch 512 on one GPU instead of 1024 on 16.
   - The last layer's rows fixed at length 1 (main_dino.py's default); its authors train them for ViT-S
-    (--no-norm-last-layer), which made no difference in a 195-step run (29.78 vs 29.81 k-NN).
+    (--no-norm-last-layer).
   - Teacher momentum 0.99 instead of 0.996: a CIFAR-10 epoch is 98 steps, not 1251 (see --momentum).
-  - Teacher temperature 0.04 throughout, main_dino.py's default and 100-epoch recipe; the paper's longer runs
-    warm it up from 0.04 to 0.07 over 30 epochs (--teacher-temp 0.07).
+  - Teacher temperature 0.04 throughout: main_dino.py's 100-epoch ViT-S recipe; its --warmup_teacher_temp_epochs
+    defaults to 0 (its help text says 30) and the paper's longer runs warm it up from 0.04 to 0.07 over 30 epochs
+    (--teacher-temp 0.07 --warmup-teacher-temp-epochs 30 here; 30 is this file's default, used only when the two
+    temperatures differ).
   - The crops are the reference's (data.dino_specs: areas, bicubic, jitter, grayscale, solarization of the second
     global crop) but for the blur, only from 64 px as in every recipe here (the reference blurs at p 1.0 / 0.1 /
     0.5); without small crops the global crops cover 0.14-1 of the image (the reference README's advice).
-  - Gradients clipped at 3.0 as one global norm (as the other method files) instead of each parameter's own.
+  - Gradients clipped at 3.0 as one global norm (as the other method files) instead of each parameter's own norm
+    (the reference's utils.clip_gradients); the log says how often it acted (grad_norm, grad_norm_max, clipped).
   - The teacher temperature rises per step rather than per epoch, and the warmups (lr, teacher temperature) of a
     run too short for them take a quarter of it, as in the other files. No weight decay on the tokens either.
+  - One checkpoint per run, replaced atomically every epoch; the reference also keeps a copy every
+    --saveckp_freq epochs.
   - bf16 autocast on a GPU that has it (--precision auto; else fp16 with a scaler) instead of fp16; the head and
     its logits in fp32.
 """
