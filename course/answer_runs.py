@@ -1,0 +1,152 @@
+"""The training runs behind the course's numbers: each method's short run (course/README.md) and the short runs its
+questions ask for, with the commands, run one after the other, each with its CPU time. Instructor-only (the
+student copy leaves it out): course/instructor_notes.md quotes its tables.
+
+    python course/answer_runs.py OUT                      # every run not yet in OUT (hours on a 2-core CPU)
+    python course/answer_runs.py OUT --only demo_simclr   # some of them, by name
+    python course/answer_runs.py OUT --table              # the table of what OUT holds, without running
+    python course/answer_runs.py --list                   # the runs and their commands
+
+Each run is `python <method>.py <flags> --out OUT/<name>` on the shipped sample (tests/data_sample), so its
+log is OUT/<name>/log.jsonl. The table gives per run: the untrained network's k-NN (epoch 0), the first and
+last epoch's loss and embed_std, the k-NN at every evaluated epoch, and the run's wall-clock and CPU time (user +
+system of the run's process). To measure how much a run depends on the CPU's float summation order, run the
+same names with another thread count into another OUT: `OMP_NUM_THREADS=1 python course/answer_runs.py OUT1`.
+
+Question 6.1 needs BYOL without its stop-gradient, a change the sheet asks students to make in their copy: here
+`python course/answer_runs.py --byol-without-stop-gradient <byol.py flags>` runs byol.py with z computed by the
+online projector and backbone, with gradient (the predictor kept).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = ["--dataset", "folder", "--data-dir", "tests/data_sample", "--arch", "vit_mini", "--patch-size", "8",
+          "--batch-size", "128", "--workers", "2", "--seed", "0"]
+DEMO = SAMPLE + ["--epochs", "50", "--warmup-epochs", "5", "--knn-every", "10"]     # the sheet's short run
+TEN = SAMPLE + ["--epochs", "10", "--warmup-epochs", "1", "--knn-every", "5"]       # its questions' 10 epochs
+
+# name: (the questions it answers, the script and its flags)
+RUNS = {
+    "demo_simclr": ("short run, 3.1, 4.1, 4.2", ["simclr.py", *DEMO]),
+    "demo_moco": ("short run", ["moco.py", *DEMO]),
+    "demo_byol": ("short run", ["byol.py", *DEMO]),
+    "demo_swav": ("short run", ["swav.py", *DEMO]),
+    "demo_dino": ("short run", ["dino.py", *DEMO]),
+    "simclr_10": ("1.2, 3.2", ["simclr.py", *TEN]),
+    "simclr_10_no_colour": ("1.2", ["simclr.py", *TEN, "--color-strength", "0"]),
+    "simclr_10_t0.1": ("3.2", ["simclr.py", *TEN, "--temperature", "0.1"]),
+    "simclr_10_t1.0": ("3.2", ["simclr.py", *TEN, "--temperature", "1.0"]),
+    "moco_10": ("5.2", ["moco.py", *TEN, "--momentum", "0.99"]),
+    "moco_10_m0": ("5.2", ["moco.py", *TEN, "--momentum", "0"]),
+    "byol_10": ("6.1, 6.2", ["byol.py", *TEN, "--knn-every", "1"]),
+    "byol_10_no_stop_gradient": ("6.1", ["course/answer_runs.py", "--byol-without-stop-gradient", *TEN,
+                                         "--knn-every", "1"]),
+    "byol_10_m1": ("6.2", ["byol.py", *TEN, "--momentum", "1.0"]),
+    "swav_10": ("8.1", ["swav.py", *TEN]),
+    "swav_10_paper": ("8.2", ["swav.py", *TEN, "--epsilon", "0.05", "--color-strength", "1.0"]),
+    "dino_10": ("9.1", ["dino.py", *TEN]),
+    "dino_10_no_sharpening": ("9.1", ["dino.py", *TEN, "--teacher-temp", "0.1", "--warmup-teacher-temp", "0.1"]),
+}
+
+
+def command(name, out):
+    script, *flags = RUNS[name][1]
+    return [sys.executable, script, *flags, "--out", os.path.join(out, name)]
+
+
+def run(name, out):
+    """Run `name` into out/name (cwd: the repository); returns (wall seconds, CPU seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    with open(os.path.join(out, f"{name}.txt"), "w") as log:
+        subprocess.run(command(name, out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.time() - t0, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def row(name, out):
+    """One table row of out/name's log, or None if the run is not there."""
+    path = os.path.join(out, name, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    lines = [json.loads(line) for line in open(path)]
+    first, last = lines[1], lines[-1]
+    knn = ", ".join(f"{line['epoch']}: {line['knn_top1']:.1f}" for line in lines if line.get("knn_top1") is not None)
+    times = json.load(open(os.path.join(out, "times.json"))).get(name, {}) if os.path.exists(
+        os.path.join(out, "times.json")) else {}
+    return (f"| {name} | {first['loss']:.3f} | {first['embed_std']:.4f} | {last['epoch']} | {last['loss']:.3f} | "
+            f"{last['embed_std']:.4f} | {knn} | {times.get('wall', float('nan')) / 60:.1f} | "
+            f"{times.get('cpu', float('nan')) / 60:.1f} |")
+
+
+def table(out, names):
+    print(f"runs in {out} (threads: {json.load(open(os.path.join(out, 'times.json'))).get('threads', '?')})"
+          if os.path.exists(os.path.join(out, "times.json")) else f"runs in {out}")
+    print("| run | loss ep 1 | embed_std ep 1 | last epoch | loss | embed_std | knn_top1 (epoch: %) | wall min | "
+          "CPU min |\n|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        r = row(name, out)
+        print(r if r else f"| {name} | not run |")
+
+
+def byol_without_stop_gradient(argv):
+    """byol.py with BYOL.forward's targets z from the online projector and backbone, with gradient (question 6.1)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import byol
+
+    def forward(self, x, num_views=2):
+        h, p, _ = forward_with_stop_gradient(self, x, num_views)
+        with torch.autocast(x.device.type, enabled=False):
+            z = torch.cat([self.projector(part) for part in h.float().chunk(num_views)])
+        return h, p, z
+
+    forward_with_stop_gradient = byol.BYOL.forward
+    byol.BYOL.forward = forward
+    print("course/answer_runs.py: byol.py without the stop-gradient (z from the online network, with gradient)")
+    byol.main(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--byol-without-stop-gradient"]:
+        return byol_without_stop_gradient(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", help="the folder of the runs (one subfolder per run)")
+    p.add_argument("--only", nargs="+", choices=list(RUNS), metavar="NAME", help="these runs (default: all)")
+    p.add_argument("--table", action="store_true", help="print the table of the runs in OUT, run nothing")
+    p.add_argument("--list", action="store_true", help="print the runs and their commands, run nothing")
+    args = p.parse_args(argv)
+    names = args.only or list(RUNS)
+    if args.list:
+        for name in names:
+            print(f"{name} ({RUNS[name][0]}):\n  python {' '.join(command(name, 'OUT')[1:])}")
+        return 0
+    if not args.out:
+        p.error("OUT is required (or --list)")
+    os.makedirs(args.out, exist_ok=True)
+    times_path = os.path.join(args.out, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
+    if not args.table:
+        for name in names:
+            if os.path.exists(os.path.join(args.out, name, "checkpoint.pt")):
+                continue
+            print(f"[{name}] python {' '.join(command(name, args.out)[1:])}", flush=True)
+            wall, cpu = run(name, args.out)
+            times[name] = {"wall": wall, "cpu": cpu}
+            times["threads"] = threads
+            json.dump(times, open(times_path, "w"), indent=1)
+            print(f"[{name}] {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU", flush=True)
+    table(args.out, names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
