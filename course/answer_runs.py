@@ -1,9 +1,9 @@
-"""The training runs behind the course's numbers: each method's short run (course/README.md) and the short runs its
-questions ask for, with the commands, run one after the other, each with its CPU time. Instructor-only (the
-student copy leaves it out): course/instructor_notes.md quotes its tables.
+"""The training runs behind the course's numbers: each method's short run (course/README.md), the runs its
+questions ask for and SimCLR's longer demo, with the commands, run one after the other, each with its CPU time.
+Instructor-only (the student copy leaves it out): course/instructor_notes.md quotes its tables.
 
     python course/answer_runs.py OUT                      # every run not yet in OUT (hours on a 2-core CPU)
-    python course/answer_runs.py OUT --only demo_simclr   # some of them, by name
+    python course/answer_runs.py OUT --only simclr_10     # some of them, by name
     python course/answer_runs.py OUT --table              # the table of what OUT holds, without running
     python course/answer_runs.py --list                   # the runs and their commands
 
@@ -28,30 +28,26 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = ["--dataset", "folder", "--data-dir", "tests/data_sample", "--arch", "vit_mini", "--patch-size", "8",
           "--batch-size", "128", "--workers", "2", "--seed", "0"]
-DEMO = SAMPLE + ["--epochs", "50", "--warmup-epochs", "5", "--knn-every", "10"]     # the sheet's short run
-TEN = SAMPLE + ["--epochs", "10", "--warmup-epochs", "1", "--knn-every", "5"]       # its questions' 10 epochs
+SHORT = SAMPLE + ["--epochs", "10", "--warmup-epochs", "1", "--knn-every", "5"]    # each method's short run
+DEMO = SAMPLE + ["--epochs", "50", "--warmup-epochs", "5", "--knn-every", "10"]     # SimCLR's longer demo
 
-# name: (the questions it answers, the script and its flags)
+# name: (what it answers, the script and its flags). The short runs are each method's expected numbers on the
+# sheet and the baselines its questions compare with.
 RUNS = {
-    "demo_simclr": ("short run, 3.1, 4.1, 4.2", ["simclr.py", *DEMO]),
-    "demo_moco": ("short run", ["moco.py", *DEMO]),
-    "demo_byol": ("short run", ["byol.py", *DEMO]),
-    "demo_swav": ("short run", ["swav.py", *DEMO]),
-    "demo_dino": ("short run", ["dino.py", *DEMO]),
-    "simclr_10": ("1.2, 3.2", ["simclr.py", *TEN]),
-    "simclr_10_no_colour": ("1.2", ["simclr.py", *TEN, "--color-strength", "0"]),
-    "simclr_10_t0.1": ("3.2", ["simclr.py", *TEN, "--temperature", "0.1"]),
-    "simclr_10_t1.0": ("3.2", ["simclr.py", *TEN, "--temperature", "1.0"]),
-    "moco_10": ("5.2", ["moco.py", *TEN, "--momentum", "0.99"]),
-    "moco_10_m0": ("5.2", ["moco.py", *TEN, "--momentum", "0"]),
-    "byol_10": ("6.1, 6.2", ["byol.py", *TEN, "--knn-every", "1"]),
-    "byol_10_no_stop_gradient": ("6.1", ["course/answer_runs.py", "--byol-without-stop-gradient", *TEN,
-                                         "--knn-every", "1"]),
-    "byol_10_m1": ("6.2", ["byol.py", *TEN, "--momentum", "1.0"]),
-    "swav_10": ("8.1", ["swav.py", *TEN]),
-    "swav_10_paper": ("8.2", ["swav.py", *TEN, "--epsilon", "0.05", "--color-strength", "1.0"]),
-    "dino_10": ("9.1", ["dino.py", *TEN]),
-    "dino_10_no_sharpening": ("9.1", ["dino.py", *TEN, "--teacher-temp", "0.1", "--warmup-teacher-temp", "0.1"]),
+    "simclr_10": ("SimCLR's short run; 1.2, 3.1, 3.2, 4.1, 4.2", ["simclr.py", *SHORT]),
+    "moco_10": ("MoCo's short run; 5.2", ["moco.py", *SHORT]),
+    "byol_10": ("BYOL's short run; 6.1, 6.2", ["byol.py", *SHORT]),
+    "swav_10": ("SwAV's short run; 8.1", ["swav.py", *SHORT]),
+    "dino_10": ("DINO's short run; 9.1", ["dino.py", *SHORT]),
+    "simclr_10_no_colour": ("1.2", ["simclr.py", *SHORT, "--color-strength", "0"]),
+    "simclr_10_t0.1": ("3.2", ["simclr.py", *SHORT, "--temperature", "0.1"]),
+    "simclr_10_t1.0": ("3.2", ["simclr.py", *SHORT, "--temperature", "1.0"]),
+    "moco_10_m0": ("5.2", ["moco.py", *SHORT, "--momentum", "0"]),
+    "byol_10_no_stop_gradient": ("6.1", ["course/answer_runs.py", "--byol-without-stop-gradient", *SHORT]),
+    "byol_10_m1": ("6.2", ["byol.py", *SHORT, "--momentum", "1.0"]),
+    "swav_10_paper": ("8.2", ["swav.py", *SHORT, "--epsilon", "0.05", "--color-strength", "1.0"]),
+    "dino_10_no_sharpening": ("9.1", ["dino.py", *SHORT, "--teacher-temp", "0.1", "--warmup-teacher-temp", "0.1"]),
+    "simclr_50": ("SimCLR's longer demo (README)", ["simclr.py", *DEMO]),
 }
 
 

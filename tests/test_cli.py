@@ -173,7 +173,7 @@ def test_precision_auto_is_bf16_where_the_gpu_has_it_else_fp16(bf16, monkeypatch
         assert importlib.import_module(method).get_args_parser().get_default("precision") == "auto", method
 
 
-@pytest.mark.parametrize("method, paper", [("swav", 6), ("dino", 8)])
+@pytest.mark.parametrize("method, paper", [pytest.param("swav", 6, marks=pytest.mark.needs_simclr_aug), ("dino", 8)])
 def test_small_crops_by_default_only_where_they_are_4x4_patches(method, paper, tiny_data, tmp_path, monkeypatch,
                                                                  capsys):
     """Catches the papers' small crops by default on a grid too coarse for them (vit_mini/8's 16 px crops are 2x2

@@ -249,7 +249,8 @@ def test_grader_full_points_zero_for_a_stub_and_a_wrong_exercise_loses_only_its_
     submission(tmp_path / "students", "stub", {"simclr.py": stubbed("simclr.py", "nt_xent_loss", 3),
                                                "course/naive.py": stubbed("course/naive.py", "nt_xent_loss_naive", 2)})
     submission(tmp_path / "students", "wrong", {
-        "simclr.py": edited("simclr.py", "logits = anchors @ candidates.T / temperature", "logits = anchors @ candidates.T"),
+        "simclr.py": edited("simclr.py", "logits = anchors @ candidates.T / temperature",
+                            "logits = anchors @ candidates.T"),
         "course/naive.py": None})
     results, printed = run_grader(tmp_path, ["2", "3"], capsys)
     full = {2: (6, 6), 3: (12, 12)}
@@ -291,8 +292,8 @@ def test_grader_survives_a_file_that_does_not_import_an_endless_loop_and_edited_
     0 with a one-line reason, the next student is still graded), and one that lets a student's own tests,
     conftest.py or pytest.ini count (an edited copy of the grading tests that passes anything)."""
     naive = "course/naive.py"
-    submission(tmp_path / "students", "a_syntax_error", {naive: edited(naive, "def nt_xent_loss_naive(z1, z2, temperature):",
-                                                                       "def nt_xent_loss_naive(z1, z2, temperature)")})
+    header = "def nt_xent_loss_naive(z1, z2, temperature):"
+    submission(tmp_path / "students", "a_syntax_error", {naive: edited(naive, header, header[:-1])})
     submission(tmp_path / "students", "b_endless", {naive: edited(naive, "    n = len(views)\n",
                                                                   "    while True:\n        pass\n")})
     cheat = {naive: edited(naive, "    return torch.tensor(total / n)", "    return torch.tensor(0.0)"),

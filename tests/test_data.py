@@ -102,6 +102,7 @@ def test_simclr_spec_is_a_viewspec_whose_strength_scales_the_colour_jitter_only(
         assert views.shape == (2, 3, spec.size, spec.size) and not torch.equal(views[0], views[1])
 
 
+@pytest.mark.needs_simclr_aug
 def test_multicrop_paper_setting():
     big = Image.new("RGB", (256, 256), (120, 60, 30))
     views = data.multicrop_transform(224, MEAN, STD, local_size=96)(big)  # SwAV: 2x224 + 6x96

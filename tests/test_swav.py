@@ -70,7 +70,7 @@ def test_swav_loss_is_a_differentiable_number_with_ln_k_at_collapse():
     assert same.item() == pytest.approx(math.log(K), rel=1e-5)
 
 
-# ---- training ----
+# ---- training (SwAV's crops are SimCLR's recipe, data.simclr_spec: every run needs exercise 1) ----
 def run_args(out, epochs=2, *extra, data_dir=SAMPLE):
     """A CPU-sized run on the shipped sample: 16 px global crops and 2 small crops of 8 px, patches of 8 px,
     K = 32, the queue from epoch 2 (override with a later flag)."""
@@ -81,6 +81,7 @@ def run_args(out, epochs=2, *extra, data_dir=SAMPLE):
             "--device", "cpu", "--out", str(out), *extra]
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_two_processes_equal_one_process(tmp_path, tiny_data):
@@ -116,6 +117,7 @@ class Spy:
         return out
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_multicrop_batch_reaches_the_loss(tmp_path, monkeypatch, tiny_data):
@@ -151,6 +153,7 @@ def fixed_loader(n=64, n_small=2, batch_size=None):
     return torch.utils.data.DataLoader(items, batch_size=batch_size or n)
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 @pytest.mark.parametrize("batch_size", [8, 4])  # 2 and 4 steps an epoch
@@ -181,6 +184,7 @@ def test_prototypes_unit_norm_every_step_and_frozen_for_the_first_epoch(batch_si
         assert (seen[step] - seen[step - 1]).abs().max() > 1e-4, step
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_train_one_epoch_learns_a_fixed_batch():
@@ -203,6 +207,7 @@ def test_train_one_epoch_learns_a_fixed_batch():
             assert not torch.equal(p, before[name]), f"{name} did not move"
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_queue_fills_then_joins_the_codes(tmp_path, monkeypatch, tiny_data):
@@ -234,6 +239,7 @@ def test_queue_fills_then_joins_the_codes(tmp_path, monkeypatch, tiny_data):
     torch.testing.assert_close(queue, torch.stack([torch.cat([embeddings[9][i], embeddings[8][i]]) for i in range(2)]))
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_knn
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
@@ -260,6 +266,7 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, tiny_d
         swav.main(run_args(tmp_path, 1))
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, tiny_data):
@@ -306,6 +313,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys, 
     assert "--epochs 3 instead of 2: the schedule is stretched" in capsys.readouterr().out
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_collapse_shows_in_the_monitors(tmp_path, monkeypatch, tiny_data):
@@ -324,6 +332,7 @@ def test_collapse_shows_in_the_monitors(tmp_path, monkeypatch, tiny_data):
     assert log["codes_entropy"] == pytest.approx(math.log(32), rel=1e-5) and log["loss"] >= math.log(32) - 1e-5
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_bad_flags_give_one_line_errors(tmp_path, capsys, tiny_data):
@@ -342,6 +351,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys, tiny_data):
     assert torch.load(tmp_path / "q" / "checkpoint.pt", weights_only=True)["state"]["queue"].shape == (2, 200, 128)
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, tiny_data):
     """Catches a NaN loss that trains on and reaches the checkpoint."""
@@ -351,6 +361,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, tiny_data):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.needs_simclr_aug
 @pytest.mark.needs_swav_sinkhorn
 @pytest.mark.needs_swav_loss
 def test_nan_gradient_with_a_finite_loss_stops(tmp_path, monkeypatch, tiny_data):
