@@ -318,3 +318,42 @@ def test_grader_refuses_a_student_copy_and_a_folder_without_exercises(tmp_path, 
     monkeypatch.setattr(grade, "ROOT", str(tmp_path))
     with pytest.raises(SystemExit, match="grade from the instructor's repository"):
         grade.main([str(tmp_path / "empty")])
+
+
+# ---- the notebook ----
+def test_the_notebook_is_committed_without_outputs():
+    """Catches a notebook committed with its outputs (a student would see another run's results as theirs, and
+    the diffs would be megabytes) or one that writes an exercise's function itself."""
+    nb = json.load(open(os.path.join(ROOT, "course", "assignment.ipynb")))
+    code = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
+    assert code and all(not cell["outputs"] and cell["execution_count"] is None for cell in code)
+    source = "\n".join("".join(cell["source"]) for cell in code)
+    for e in kit.EXERCISES:  # the notebook calls the exercises' functions, it never writes one
+        for _, qualname in e.functions:
+            assert not re.search(rf"^\s*def {qualname.split('.')[-1]}\(", source, re.M), qualname
+
+
+def test_the_notebook_runs_on_a_student_copy_with_the_reference_filled_in(tmp_path):
+    """Catches a notebook that does not run from set-up to the last cell where students run it (a student copy's
+    layout, no instructor's file, every exercise written: the reference): a check or a run that fails, a helper
+    that calls something the copy lacks. COURSE_QUICK=1 shortens its training runs to one epoch of a tenth of
+    the sample (a few minutes of CPU in all)."""
+    import nbclient  # requirements-dev.txt
+    import nbformat
+    out = tmp_path / "copy"
+    kit.copy_repo(ROOT, str(out), [], instructor=False)
+    assert not (out / "course" / "grading").exists() and (out / "course" / "assignment.ipynb").exists()
+    nb = nbformat.read(str(out / "course" / "assignment.ipynb"), as_version=4)
+    os.environ["COURSE_QUICK"] = "1"  # the kernel inherits it
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(out / "course")}}).execute()
+    finally:
+        del os.environ["COURSE_QUICK"]
+    text = "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert text.count(" passed") == len(kit.EXERCISES) and " failed" not in text  # every exercise's checks
+    for script in ("simclr.py", "moco.py", "byol.py", "swav.py", "dino.py"):
+        assert f"$ {script} --dataset folder" in text
+        assert (out / "runs" / "notebook" / script[:-3] / "log.jsonl").exists()
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+               for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)  # the views, the curves
