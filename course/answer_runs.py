@@ -6,6 +6,7 @@ Instructor-only (the student copy leaves it out): course/instructor_notes.md quo
     python course/answer_runs.py OUT --only simclr_10     # some of them, by name
     python course/answer_runs.py OUT --table              # the table of what OUT holds, without running
     python course/answer_runs.py --list                   # the runs and their commands
+    python course/answer_runs.py --measurements           # the numbers that need no training run (a minute)
 
 Each run is `python <method>.py <flags> --out OUT/<name>` on the shipped sample (tests/data_sample), so its
 log is OUT/<name>/log.jsonl. The table gives per run: the untrained network's k-NN (epoch 0), the first and
@@ -109,10 +110,85 @@ def byol_without_stop_gradient(argv):
     byol.main(argv)
 
 
+def measurements():
+    """The answer key's numbers that need no training run (questions 1.1, 2.2, 5.1, 7.1, 7.2), printed; one thread,
+    so timings do not depend on what else runs."""
+    import math
+    import time
+
+    import torch
+    sys.path[:0] = [ROOT] + [os.path.join(ROOT, *d) for d in (["tests"], ["course"], ["course", "grading"])]
+    torch.set_num_threads(1)
+    import moco
+    import naive
+    import simclr
+    import swav
+    import test_data
+    import test_swav
+    from test_ex07_swav_sinkhorn import sinkhorn_slow  # the paper's Algorithm 1 on Python floats (float64)
+
+    areas = test_data.crop_measurements("simclr", "pil")[0]
+    print(f"1.1  mean crop area of 1,000 PIL views of simclr_spec(32): {areas.mean():.3f} (uniform area: 0.540; the "
+          f"Inception crop's simulation: {test_data.inception_crop_mean_area((0.08, 1.0)):.3f})")
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(256, 128, generator=g), torch.randn(256, 128, generator=g)
+    t0 = time.perf_counter()
+    slow = naive.nt_xent_loss_naive(z1, z2, 0.5)
+    t_loop = time.perf_counter() - t0
+    fast = simclr.nt_xent_loss(z1, z2, 0.5)  # (a first call warms up)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        simclr.nt_xent_loss(z1, z2, 0.5)
+    t_fast = (time.perf_counter() - t0) / 20
+    print(f"2.2  B = 256, D = 128, one thread: the loop {t_loop:.2f} s ({slow.item():.4f}), nt_xent_loss "
+          f"{1e3 * t_fast:.2f} ms ({fast.item():.4f}): {t_loop / t_fast:,.0f} times faster")
+
+    q = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=1)
+    k = torch.nn.functional.normalize(q + 0.5 * torch.randn(8, 32, generator=g), dim=1)  # positives: the diagonal
+    for tau in (0.2, 1.0):
+        cos = (q @ k.T).requires_grad_()                               # (B, B) cosines
+        ce = torch.nn.functional.cross_entropy(cos / tau, torch.arange(8))
+        (grad_ce,) = torch.autograd.grad(ce, cos, retain_graph=True)
+        (grad_moco,) = torch.autograd.grad(ce * 2 * tau, cos)
+        print(f"5.1  tau = {tau}: d loss / d cos(q_0, k_0) = {grad_ce[0, 0]:.4f} without 2 tau, "
+              f"{grad_moco[0, 0]:.4f} with it; largest |gradient| {grad_ce.abs().max():.4f} and "
+              f"{grad_moco.abs().max():.4f}; moco.contrastive_loss {moco.contrastive_loss(q, k, tau):.4f}")
+
+    scores = test_swav.random_scores(256, 100)
+    for eps in (0.05, 0.02):
+        dev = [((swav.sinkhorn(scores, eps, n).sum(0) - 2.56).abs().max() / 2.56).item() for n in (1, 3, 10)]
+        print(f"7.1  epsilon {eps}: largest relative deviation of the column sums from B/K after 1, 3, 10 "
+              f"iterations: {dev[0]:.3f}, {dev[1]:.3f}, {dev[2]:.4f}")
+
+    def sinkhorn_without_max_subtraction(s, eps, iterations):  # swav.sinkhorn, one process, minus `- top`
+        Q = torch.exp(s.float() / eps).T
+        K, B = Q.shape
+        Q /= Q.sum()
+        for _ in range(iterations):
+            Q /= Q.sum(dim=1, keepdim=True)
+            Q /= K
+            Q /= Q.sum(dim=0, keepdim=True)
+            Q /= B
+        return (Q * B).T
+
+    clustered = test_swav.clustered_scores(24, 6, 0.05)
+    for eps in (0.1, 0.05, 0.04, 0.03, 0.025, 0.02, 0.015, 0.01):
+        want = sinkhorn_slow(clustered.double().tolist(), eps, 3)
+        got = sinkhorn_without_max_subtraction(clustered, eps, 3)
+        err = (got.double() - want).abs().max().item()
+        print(f"7.2  epsilon {eps}: without the max-subtraction the codes are "
+              f"{'NaN' if not torch.isfinite(got).all() else f'off by {err:.1e}'}; with it off by "
+              f"{(swav.sinkhorn(clustered, eps, 3).double() - want).abs().max().item():.1e}")
+    print(f"     (exp(1 / epsilon) overflows float32 from epsilon {1 / math.log(torch.finfo(torch.float32).max):.4f})")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--byol-without-stop-gradient"]:
         return byol_without_stop_gradient(argv[1:])
+    if argv[:1] == ["--measurements"]:
+        return measurements()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", help="the folder of the runs (one subfolder per run)")
     p.add_argument("--only", nargs="+", choices=list(RUNS), metavar="NAME", help="these runs (default: all)")
