@@ -289,8 +289,10 @@ def test_grader_reads_the_concept_not_only_the_value(tmp_path, capsys):
 
 def test_grader_survives_a_file_that_does_not_import_an_endless_loop_and_edited_tests(tmp_path, capsys):
     """Catches a grader that crashes or hangs on a submission that does not import or loops forever (each gets
-    0 with a one-line reason, the next student is still graded), and one that lets a student's own tests,
-    conftest.py or pytest.ini count (an edited copy of the grading tests that passes anything)."""
+    0 with a one-line reason, the next student is still graded), that leaves a student's broken file in place for
+    the next exercise (exercise 2's grading imports simclr.py, which imports data.py: a data.py that does not
+    import would cost exercise 2 too), and one that lets a student's own tests, conftest.py or pytest.ini count
+    (an edited copy of the grading tests that passes anything)."""
     naive = "course/naive.py"
     header = "def nt_xent_loss_naive(z1, z2, temperature):"
     submission(tmp_path / "students", "a_syntax_error", {naive: edited(naive, header, header[:-1])})
@@ -302,10 +304,13 @@ def test_grader_survives_a_file_that_does_not_import_an_endless_loop_and_edited_
     cheat["course/grading/test_ex02_simclr_loss_naive.py"] = "def test_value_matches_algorithm_1():\n    pass\n"
     submission(tmp_path / "students", "c_edited_tests", cheat)
     submission(tmp_path / "students", "d_reference", {naive: None})
-    results, printed = run_grader(tmp_path, ["2"], capsys, timeout=20)
+    submission(tmp_path / "students", "e_broken_data", {naive: None, "data.py": "import torch\nraise RuntimeError"})
+    results, printed = run_grader(tmp_path, ["1", "2"], capsys, timeout=20)
     assert results["a_syntax_error"]["score"] == 0 and "does not import: SyntaxError" in printed
     assert results["b_endless"]["score"] == 0 and "stopped after the time limit of 20 s" in printed
     assert results["c_edited_tests"]["score"] == 0 and results["d_reference"]["score"] == 6
+    assert scores(results["e_broken_data"])[0] == {1: (0, 8), 2: (6, 6)}
+    assert "does not import: RuntimeError" in printed and "not submitted: data.py missing" in printed
     assert all(len(t["output"].splitlines()) == 1 for r in results.values() for t in r["tests"])
 
 
