@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_student_copy as kit  # noqa: E402
 
 ROOT = kit.ROOT
-GRADING = os.path.join("course", "grading")
+GRADING = kit.GRADING
 
 # exercise number: [(group, points, its test functions in course/grading/test_exNN_<name>.py, the groups it needs)]:
 # the sheet's table. A group scores when all its tests pass and so do the groups it needs: being vectorized or

@@ -53,6 +53,7 @@ INSTRUCTOR_ONLY = ("course/instructor_notes.md", "course/grade.py", "course/answ
 # --check: this many consecutive tokens of an exercise's reference body (about a line of code) found anywhere in the
 # copy is a leak; shorter runs match the repository's idioms (`with torch.autocast(x.device.type, enabled=False)`)
 WINDOW = 20
+GRADING = "course/grading"  # the grading tests (instructor-only)
 ALLOWED_OVERLAPS = {  # (file, where, exercise function): why the copy may hold that run of its tokens
     ("data.py", "byol_specs", "data.simclr_spec"): "BYOL takes SimCLR's crop, flip and colour drop (BYOL §3.3, "
                                                    "Table 6); SimCLR's jitter strengths and blur are not in it",
@@ -529,21 +530,20 @@ def hit(number):
 
 
 def declared_markers(root):
-    """{(test file, test function): set of marker names} from the test files' decorators, pytest.param marks and
-    module-level pytestmark, read with ast (what a reader sees)."""
+    """{(test file, test function): set of marker names} from the decorators, pytest.param marks and module-level
+    pytestmark of tests/ and the grading tests, read with ast (what a reader sees)."""
+    marks = lambda node: {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and  # noqa: E731
+                          isinstance(n.value, ast.Attribute) and n.value.attr == "mark"}
     out = {}
-    tests = os.path.join(root, "tests")
-    for name in sorted(os.listdir(tests)):
-        if not (name.startswith("test_") and name.endswith(".py")):
-            continue
-        tree = ast.parse(open(os.path.join(tests, name), encoding="utf-8").read())
-        marks = lambda node: {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and  # noqa: E731
-                              isinstance(n.value, ast.Attribute) and n.value.attr == "mark"}
-        module = set().union(*[marks(n) for n in tree.body if isinstance(n, ast.Assign) and
-                               any(getattr(t, "id", None) == "pytestmark" for t in n.targets)])
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                out[(f"tests/{name}", node.name)] = module | set().union(*map(marks, node.decorator_list))
+    for folder in ("tests", GRADING):
+        names = sorted(os.listdir(os.path.join(root, folder))) if os.path.isdir(os.path.join(root, folder)) else []
+        for name in (n for n in names if n.startswith("test_") and n.endswith(".py")):
+            tree = ast.parse(open(os.path.join(root, folder, name), encoding="utf-8").read())
+            module = set().union(*[marks(n) for n in tree.body if isinstance(n, ast.Assign) and
+                                   any(getattr(t, "id", None) == "pytestmark" for t in n.targets)])
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                    out[(f"{folder}/{name}", node.name)] = module | set().union(*map(marks, node.decorator_list))
     return out
 
 
