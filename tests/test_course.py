@@ -308,6 +308,8 @@ def test_grader_survives_a_file_that_does_not_import_an_endless_loop_and_edited_
     results, printed = run_grader(tmp_path, ["1", "2"], capsys, timeout=20)
     assert results["a_syntax_error"]["score"] == 0 and "does not import: SyntaxError" in printed
     assert results["b_endless"]["score"] == 0 and "stopped after the time limit of 20 s" in printed
+    endless = re.search(r"^\s+2\s+simclr_loss_naive\s+0 / 6\s+\((\d+) s\)\s+stopped", printed, re.M)
+    assert endless and int(endless.group(1)) < 20 + 15, printed  # stopped at the limit, not when it chose to
     assert results["c_edited_tests"]["score"] == 0 and results["d_reference"]["score"] == 6
     assert scores(results["e_broken_data"])[0] == {1: (0, 8), 2: (6, 6)}
     assert "does not import: RuntimeError" in printed and "not submitted: data.py missing" in printed
