@@ -113,14 +113,12 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """target <- m * target + (1 - m) * online, every parameter (§3.1: xi <- tau xi + (1 - tau) theta), i.e.
+    """target <- m * target + (1 - m) * online for every parameter, in place (§3.1: xi <- tau xi + (1 - tau) theta).
 
-        for t, o in zip(target.parameters(), online.parameters()):
-            t.mul_(m).add_(o, alpha=1 - m)
-
-    (buffers, BN's running statistics, stay the target's own). Computed as one multi-tensor lerp,
-    target + (1 - m) (online - target), the same up to rounding: a few kernels for all ~160 tensors of a
-    ViT-Tiny and its head instead of two per tensor, which on a GPU are launches of their own."""
+    target, online: modules of the same architecture (the target's parameters do not require gradients), m in
+    [0, 1]. Buffers (BN's running statistics) stay the target's own; the update is no step autograd records. One
+    multi-tensor op (torch._foreach_*) for all of them is the fast way: a few kernels for the ~160 tensors of a
+    ViT-Tiny and its head instead of two per tensor, each a kernel launch of its own on a GPU."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 

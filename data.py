@@ -204,12 +204,12 @@ class ViewSpec:
 
 
 def simclr_spec(img_size, strength=0.5):
-    """SimCLR's view (Chen et al. 2020, arXiv:2002.05709, App. A) as a ViewSpec of side img_size, colour strength
-    s = `strength` (1.0 on ImageNet, 0.5 on CIFAR-10, App. B.9): random resized crop of area 8-100% and aspect
-    3/4-4/3, bicubic resize (the reference code's crop_and_resize), horizontal flip p 0.5; colour jitter with
-    p 0.8 of strengths (brightness, contrast, saturation, hue) = (0.8 s, 0.8 s, 0.8 s, 0.2 s) in random order,
-    then grayscale p 0.2; Gaussian blur p 0.5, sigma 0.1-2.0, kernel _blur_kernel(img_size), only from 64 px
-    (App. B.9 drops it on 32 px CIFAR; STL-10's 96 px keeps it); no solarization."""
+    """SimCLR's view (Chen et al. 2020, arXiv:2002.05709, App. A) as a ViewSpec of side img_size: the appendix's
+    random crop with resize, horizontal flip, colour distortion (its pseudocode's color_distort: colour jitter of
+    strength s = `strength`, then colour drop) and Gaussian blur, each with the probability, range and strength the
+    appendix gives. s is 1.0 on ImageNet and 0.5 on CIFAR-10 (App. B.9). What the paper leaves to its code: the
+    resize is bicubic (the reference code's crop_and_resize), the blur kernel is _blur_kernel(img_size), and blur
+    is used from 64 px up only (App. B.9 drops it on 32 px CIFAR; STL-10's 96 px keeps it). No solarization."""
     s = strength
     return ViewSpec(
         img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),  # area 8-100%, aspect ratio 3/4-4/3
@@ -245,18 +245,14 @@ def multicrop_specs(img_size, n_global=2, n_local=6, local_size=None, global_sca
     """SwAV (Caron et al. 2020, arXiv:2006.09882) Sec. 3.2 multi-crop: n_global crops at img_size (area
     global_scale) then n_local small crops at local_size (area local_scale); the paper's 2x224 + 6x96 is
     multicrop_specs(224, local_size=96). local_size defaults to img_size // 2 (32 -> 16 px; patch 4
-    divides both). Each crop: flip, SimCLR's color distortion at strength s (SwAV's main_swav.py: 1.0;
-    SimCLR's CIFAR-10 value: 0.5) and, from 64 px up, blur p 0.5 (main_swav.py)."""
-    local_size, s = local_size or img_size // 2, strength
+    divides both). Each crop is SimCLR's view (simclr_spec) at colour strength s with the crop's own size and
+    area, resized bilinearly: main_swav.py takes SimCLR's flip, colour distortion and blur as they are (s = 1.0
+    there; SimCLR's CIFAR-10 value is 0.5) and torchvision's default resize."""
+    local_size = local_size or img_size // 2
 
     def crop(size, scale):
-        return ViewSpec(
-            size, scale=scale, ratio=(3 / 4, 4 / 3),
-            interpolation="bilinear",  # torchvision's default, as in main_swav.py
-            flip_p=0.5,
-            jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,  # SimCLR's color distortion
-            blur_p=0.5 if size >= 64 else 0.0, blur_kernel=_blur_kernel(size), blur_sigma=(0.1, 2.0),
-        )
+        return dataclasses.replace(simclr_spec(size, strength), scale=scale,
+                                   interpolation="bilinear")  # torchvision's default, as in main_swav.py
     return [crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local
 
 

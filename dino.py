@@ -189,8 +189,9 @@ def linear_warmup(step, warmup_steps, start_value, final_value):
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """target <- m * target + (1 - m) * online, every parameter (Algorithm 1: gt.params = l gt.params + (1 - l)
-    gs.params). One multi-tensor lerp (target + (1 - m) (online - target)): a few kernels for all tensors."""
+    """target <- m * target + (1 - m) * online for every parameter, in place (Algorithm 1: gt.params = l gt.params
+    + (1 - l) gs.params, l the network momentum). target, online: modules of the same architecture; buffers stay the
+    target's own; the update is no step autograd records. As moco.ema_update and byol.ema_update."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 

@@ -114,6 +114,11 @@ class MoCo(nn.Module):
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def forward(self, x, num_views=2):                      # (V*B, C, H, W), the views one after the other
+        """x: (V*B, C, H, W), the V = num_views views one after the other. Returns (h, q, k): h (V*B, D) the base
+        backbone's CLS features; the queries q = predictor(projector(h)) of Algorithm 1's base encoder f_q; the keys
+        k of the momentum encoder f_k (momentum_backbone, then momentum_projector; no predictor), under
+        torch.no_grad. Each view's B samples go through the MLPs on their own (per-view BN, as the reference's
+        one forward per view); the MLPs run in fp32 with autocast off."""
         h = self.backbone(x)                                # (V*B, D) CLS features, bf16 under autocast
         with torch.no_grad():
             h_k = self.momentum_backbone(x)                 # (V*B, D)
@@ -135,14 +140,12 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value=0.0
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """target <- m * target + (1 - m) * online, every parameter (Algorithm 1: f_k = m f_k + (1-m) f_q), i.e.
+    """target <- m * target + (1 - m) * online for every parameter, in place (Algorithm 1: f_k = m f_k + (1-m) f_q).
 
-        for t, o in zip(target.parameters(), online.parameters()):
-            t.mul_(m).add_(o, alpha=1 - m)
-
-    (buffers, BN's running statistics, stay the target's own). Computed as one multi-tensor lerp,
-    target + (1 - m) (online - target), the same up to rounding: a few kernels for all ~160 tensors of a
-    ViT-Tiny and its head instead of two per tensor, which on a GPU are launches of their own."""
+    target, online: modules of the same architecture (the target's parameters do not require gradients), m in
+    [0, 1]. Buffers (BN's running statistics) stay the target's own; the update is no step autograd records. One
+    multi-tensor op (torch._foreach_*) for all of them is the fast way: a few kernels for the ~160 tensors of a
+    ViT-Tiny and its head instead of two per tensor, each a kernel launch of its own on a GPU."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
 
 

@@ -2,9 +2,11 @@
 docstring is the specification), their bodies become `raise NotImplementedError("exercise N: ...")`.
 
 The functions are found by name with `ast` (EXERCISES below), so the method files carry no exercise markers;
-the instructor's repository keeps the reference. Which tests grade an exercise is said by pytest markers:
-`ex_<name>` on the tests that grade it (fast, against slow loops and formulas on seeded random inputs),
-`needs_<name>` on the other tests that call it (the training scripts' runs). Both are registered in pytest.ini.
+the instructor's repository keeps the reference. Which tests concern an exercise is said by pytest markers:
+`ex_<name>` on its grading tests (course/grading/, instructor-only: against slow loops and formulas on seeded
+random inputs; course/grade.py runs them) and on the students' own checks in tests/ (properties that give no
+answer away), `needs_<name>` on the other tests that call it (the training scripts' runs). Both are registered in
+pytest.ini. The copy leaves out the instructor's files (INSTRUCTOR_ONLY).
 
     python course/make_student_copy.py OUT                           # every exercise stubbed
     python course/make_student_copy.py OUT --exercises simclr_loss 4  # by name or number
@@ -12,9 +14,13 @@ the instructor's repository keeps the reference. Which tests grade an exercise i
     python course/make_student_copy.py --list                        # the exercises
     python course/make_student_copy.py --trace                       # which tests call which exercise
 
---check makes the copy, then for each chosen exercise runs its grading command twice: on an unstubbed copy
-(`-m ex_<name>`: every test passes; the time it took is the sheet's) and on the student copy (the same tests,
-less those that also need another stubbed exercise: every one fails at that exercise's NotImplementedError).
+--check makes the copy, then proves it holds no answer: none of the instructor's files (INSTRUCTOR_ONLY: the
+answer key, course/grading/ with the grading tests and their slow references, the grader), and no run of WINDOW
+tokens of a stubbed function's reference body anywhere (code, docstrings, comments, notebooks and text, whitespace
+ignored). Then for each chosen exercise it runs `-m ex_<name>` twice: on an unstubbed copy (the students' checks in
+tests/ and the grading tests in course/grading/: every one passes; the time it took is the sheet's) and on the
+student copy (its checks, less those that also need another stubbed exercise: every one fails at that exercise's
+NotImplementedError).
 Then every test on the student copy that neither grades nor needs a stubbed exercise must pass: one that reaches
 a stub depends on an exercise's function without saying so (mark it needs_<name>); one that fails without
 reaching a stub is run on the unstubbed copy too, and if it fails there as well it is reported as a warning (the
@@ -25,18 +31,37 @@ tests call which exercises and which of them lack a marker: the way to keep the 
 import argparse
 import ast
 import dataclasses
+import io
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+import tokenize
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = ".student_copy"  # written into OUT: only a folder that holds it is ever replaced
-INSTRUCTOR_ONLY = {"course/instructor_notes.md"}  # the answers: never in a student copy
+# the answers, never in a student copy: the answer key, the grading tests with their slow references (and the
+# grader that runs them), the runs behind the answer key, and the kit's own tests (they grade the kit with them)
+INSTRUCTOR_ONLY = ("course/instructor_notes.md", "course/grade.py", "course/answer_runs.py", "course/grading/",
+                   "tests/test_course.py")
+# --check: this many consecutive tokens of an exercise's reference body (about a line of code) found anywhere in the
+# copy is a leak; shorter runs match the repository's idioms (`with torch.autocast(x.device.type, enabled=False)`)
+WINDOW = 20
+GRADING = "course/grading"  # the grading tests (instructor-only)
+ALLOWED_OVERLAPS = {  # (file, where, exercise function): why the copy may hold that run of its tokens
+    ("data.py", "byol_specs", "data.simclr_spec"): "BYOL takes SimCLR's crop, flip and colour drop (BYOL §3.3, "
+                                                   "Table 6); SimCLR's jitter strengths and blur are not in it",
+}
+
+
+def instructor_only(path):
+    return any(path == p or (p.endswith("/") and path.startswith(p)) for p in INSTRUCTOR_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +90,14 @@ EXERCISES = (
     Exercise(2, "simclr_loss_naive", "NT-Xent as a loop", (("course/naive.py", "nt_xent_loss_naive"),)),
     Exercise(3, "simclr_loss", "NT-Xent vectorized", (("simclr.py", "nt_xent_loss"),)),
     Exercise(4, "knn", "the weighted k-NN classifier", (("eval_linear.py", "knn_classify"),)),
-    Exercise(5, "moco", "MoCo v3's contrastive loss and momentum update",
-             (("moco.py", "contrastive_loss"), ("moco.py", "ema_update"))),
+    Exercise(5, "moco", "MoCo v3's contrastive loss, momentum encoder and forward",
+             (("moco.py", "contrastive_loss"), ("moco.py", "ema_update"), ("moco.py", "MoCo.forward"))),
     Exercise(6, "byol", "BYOL's loss and target network", (("byol.py", "byol_loss"), ("byol.py", "ema_update"),
                                                            ("byol.py", "BYOL.forward"))),
     Exercise(7, "swav_sinkhorn", "SwAV's Sinkhorn-Knopp codes", (("swav.py", "sinkhorn"),)),
     Exercise(8, "swav_loss", "SwAV's swapped prediction", (("swav.py", "swav_loss"),)),
-    Exercise(9, "dino", "DINO's loss and centre", (("dino.py", "dino_loss"), ("dino.py", "update_center"))),
+    Exercise(9, "dino", "DINO's loss, centre and teacher update",
+             (("dino.py", "dino_loss"), ("dino.py", "update_center"), ("dino.py", "ema_update"))),
 )
 
 
@@ -194,9 +220,10 @@ def prepare_out(out):
     os.makedirs(out)
 
 
-def copy_repo(root, out, exercises):
-    """Copy the repository at `root` to `out` with the bodies of `exercises`' functions stubbed. Returns the
-    number of files copied."""
+def copy_repo(root, out, exercises, instructor=None):
+    """Copy the repository at `root` to `out` with the bodies of `exercises`' functions stubbed. The instructor's
+    files (INSTRUCTOR_ONLY) come along only when `instructor` (default: when nothing is stubbed, the reference
+    copy). Returns the number of files copied."""
     if os.path.realpath(out) == os.path.realpath(root) or os.path.realpath(out).startswith(
             os.path.realpath(root) + os.sep):
         raise KitError(f"{out} is inside the repository: choose a folder outside it")
@@ -205,7 +232,8 @@ def copy_repo(root, out, exercises):
     for e in exercises:
         for path, qualname in e.functions:
             stubs.setdefault(path, {})[qualname] = e.message(qualname, path)
-    files = [f for f in repo_files(root) if not (exercises and f in INSTRUCTOR_ONLY)]
+    instructor = not exercises if instructor is None else instructor
+    files = [f for f in repo_files(root) if instructor or not instructor_only(f)]
     missing = sorted(set(stubs) - set(files))
     if missing:
         raise KitError(f"{', '.join(missing)} not in the repository (an exercise's file)")
@@ -236,14 +264,110 @@ def add_banner(out, exercises):
     banner = (
         "# Student copy\n\n"
         "In this copy the functions below raise `NotImplementedError`: writing them is the assignment. Their "
-        "docstrings are the specification. The assignment sheet, with the paper sections to read, the questions and "
-        "what a correct implementation prints in the short run, is [course/README.md](course/README.md).\n\n"
-        "| exercise | concept | write | grade with |\n|---|---|---|---|\n" + rows + "\n\n"
-        "The other tests that call an exercise's function carry `needs_<name>`: "
+        "docstrings are the specification. The assignment sheet, with the paper sections to read, the questions, the "
+        "points and what a correct implementation prints in the short runs, is [course/README.md](course/README.md); "
+        "[course/assignment.ipynb](course/assignment.ipynb) walks through it (locally or on Colab).\n\n"
+        "| exercise | concept | write | check with |\n|---|---|---|---|\n" + rows + "\n\n"
+        "The checks are properties any correct solution has (shapes, gradients, invariants): they help, they do not "
+        "grade. Your instructor grades your exercise files with tests of their own (course/README.md, \"How you are "
+        "graded\"). The other tests that call an exercise's function carry `needs_<name>`: "
         "`python -m pytest -m \"not needs_dino\"` runs everything that does not wait for exercise 9. When every "
         "exercise passes, the whole suite (`python -m pytest`) passes.\n\n---\n\n")
     with open(readme, "w", encoding="utf-8") as f:
         f.write(banner + rest)
+
+
+# ---- --check: no answer anywhere in the copy ----
+TOKEN = re.compile(r"\d+\.\d*(?:e[-+]?\d+)?|\.\d+|\d+|\w+|\*\*|//|->|[-+*/%&|^@<>=!]=|\S")
+
+
+def tokens(text):
+    """Text as a token sequence, whitespace and line breaks ignored: `F.normalize(q, dim=1)` in code, in a
+    docstring, a comment or markdown gives the same tokens."""
+    return TOKEN.findall(text)
+
+
+def split_comments(source):
+    """(Python source with its comments blanked, its comments joined), or (source, "") if it does not tokenize."""
+    try:
+        found = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    except (tokenize.TokenError, SyntaxError):
+        return source, ""
+    lines = source.splitlines(keepends=True)
+    for t in found:  # one comment per line at most
+        row, col = t.start
+        lines[row - 1] = lines[row - 1][:col] + lines[row - 1][col + len(t.string):]
+    return "".join(lines), "\n".join(t.string.lstrip("#") for t in found)
+
+
+def reference_body(source, qualname):
+    """The tokens of `qualname`'s body after its docstring in `source`, its comments dropped: what a stub removes."""
+    fn = find_function(ast.parse(source), qualname)
+    body = "".join(source.splitlines(keepends=True)[_docstring_node(fn).end_lineno:fn.end_lineno])
+    return tokens(split_comments(textwrap.dedent(body))[0])
+
+
+def text_streams(path):
+    """[(where, tokens)]: the token sequences a file holds, each with where it is. A Python file's top-level
+    functions and classes one by one (code and docstrings, then comments), and the rest of the module; a
+    notebook's cells; any other text file's text. Binary files hold none."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (UnicodeDecodeError, OSError):
+        return []
+    if path.endswith(".py"):
+        try:
+            nodes = [n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        except SyntaxError:
+            nodes = []
+        lines, streams, rest = text.splitlines(keepends=True), [], text.splitlines(keepends=True)
+        for n in nodes:
+            first = min([n.lineno] + [d.lineno for d in n.decorator_list])
+            part = "".join(lines[first - 1:n.end_lineno])
+            rest[first - 1:n.end_lineno] = [""] * (n.end_lineno - first + 1)
+            streams += [(n.name, tokens(t)) for t in split_comments(textwrap.dedent(part))]
+        return streams + [("module", tokens(t)) for t in split_comments("".join(rest))]
+    if path.endswith(".ipynb"):
+        try:
+            text = "\n".join("".join(cell.get("source", "")) for cell in json.loads(text).get("cells", []))
+        except (ValueError, AttributeError):
+            pass
+    return [("text", tokens(text))]
+
+
+def find_answers(root, out, exercises, window=WINDOW):
+    """Every place in `out` that holds `window` consecutive tokens (the whole body, if shorter) of a stubbed
+    function's reference body in `root`: code, docstrings, comments, notebooks and text files alike, less the
+    overlaps ALLOWED_OVERLAPS explains. Returns (leaks, allowed), lists of
+    "file (where): n tokens of module.function's reference body (exercise N): '...'"."""
+    grams = {}  # (n, tuple of n tokens) -> (exercise, "module.function")
+    for e in exercises:
+        for path, qualname in e.functions:
+            body = reference_body(open(os.path.join(root, path), encoding="utf-8").read(), qualname)
+            n = min(window, len(body))
+            for i in range(len(body) - n + 1):
+                grams.setdefault((n, tuple(body[i:i + n])), (e, f"{os.path.splitext(path)[0]}.{qualname}"))
+    sizes = sorted({n for n, _ in grams})
+    leaks, allowed = [], []
+    for f in repo_files(out):
+        for where, stream in text_streams(os.path.join(out, f)):
+            spans = {}  # (exercise, name) -> [[start, end)] of the stream, overlapping windows merged
+            for n in sizes:
+                for i in range(len(stream) - n + 1):
+                    hit = grams.get((n, tuple(stream[i:i + n])))
+                    if hit:
+                        runs = spans.setdefault(hit, [])
+                        if runs and i <= runs[-1][1]:
+                            runs[-1][1] = max(runs[-1][1], i + n)
+                        else:
+                            runs.append([i, i + n])
+            for (e, name), runs in spans.items():
+                for start, end in runs:
+                    text = " ".join(stream[start:end])
+                    line = (f"{f} ({where}): {end - start} tokens of {name}'s reference body (exercise {e.number}): "
+                            f"'{text if len(text) < 160 else text[:157] + '...'}'")
+                    (allowed if (f, where, name) in ALLOWED_OVERLAPS else leaks).append(line)
+    return sorted(leaks), sorted(allowed)
 
 
 # ---- --check ----
@@ -306,6 +430,16 @@ def check(root, out, exercises):
                 problems.append(f"pytest.ini does not register the marker {marker}")
         if f"-m {e.marker}" not in sheet:
             problems.append(f"course/README.md has no grading command `python -m pytest -m {e.marker}`")
+    # 0. the copy holds no answer: no instructor's file, and no run of an exercise's reference body anywhere
+    problems += [f"{f} is in the student copy: it is the instructor's" for f in repo_files(out) if instructor_only(f)]
+    leaks, allowed = find_answers(root, out, exercises)
+    problems += [f"answer in the student copy: {leak}" for leak in leaks]
+    for line in allowed:
+        f, where = line.split(" ", 1)[0], line.split("(", 1)[1].split(")", 1)[0]
+        why = next(v for (af, aw, _), v in ALLOWED_OVERLAPS.items() if (af, aw) == (f, where))
+        print(f"allowed overlap: {line}\n  ({why})")
+    print(f"searched the copy for runs of {WINDOW} tokens of {sum(len(e.functions) for e in exercises)} reference "
+          f"bodies: {len(leaks)} found", flush=True)
     needs = " or ".join(e.needs_marker for e in exercises)
     first_line = lambda outcome, m: m.strip().splitlines()[0] if m.strip() else outcome  # noqa: E731
 
@@ -396,21 +530,20 @@ def hit(number):
 
 
 def declared_markers(root):
-    """{(test file, test function): set of marker names} from the test files' decorators, pytest.param marks and
-    module-level pytestmark, read with ast (what a reader sees)."""
+    """{(test file, test function): set of marker names} from the decorators, pytest.param marks and module-level
+    pytestmark of tests/ and the grading tests, read with ast (what a reader sees)."""
+    marks = lambda node: {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and  # noqa: E731
+                          isinstance(n.value, ast.Attribute) and n.value.attr == "mark"}
     out = {}
-    tests = os.path.join(root, "tests")
-    for name in sorted(os.listdir(tests)):
-        if not (name.startswith("test_") and name.endswith(".py")):
-            continue
-        tree = ast.parse(open(os.path.join(tests, name), encoding="utf-8").read())
-        marks = lambda node: {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and  # noqa: E731
-                              isinstance(n.value, ast.Attribute) and n.value.attr == "mark"}
-        module = set().union(*[marks(n) for n in tree.body if isinstance(n, ast.Assign) and
-                               any(getattr(t, "id", None) == "pytestmark" for t in n.targets)])
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                out[(f"tests/{name}", node.name)] = module | set().union(*map(marks, node.decorator_list))
+    for folder in ("tests", GRADING):
+        names = sorted(os.listdir(os.path.join(root, folder))) if os.path.isdir(os.path.join(root, folder)) else []
+        for name in (n for n in names if n.startswith("test_") and n.endswith(".py")):
+            tree = ast.parse(open(os.path.join(root, folder, name), encoding="utf-8").read())
+            module = set().union(*[marks(n) for n in tree.body if isinstance(n, ast.Assign) and
+                                   any(getattr(t, "id", None) == "pytestmark" for t in n.targets)])
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                    out[(f"{folder}/{name}", node.name)] = module | set().union(*map(marks, node.decorator_list))
     return out
 
 
@@ -495,8 +628,8 @@ def main(argv=None):
     if problems:
         print("check FAILED:\n  " + "\n  ".join(problems))
         return 1
-    print("check passed: every exercise's grading tests pass on the reference and fail on the student copy, "
-          "and no other test breaks there")
+    print("check passed: the copy holds no answer, every exercise's tests pass on the reference and its checks fail "
+          "on the student copy, and no other test breaks there")
     return 0
 
 

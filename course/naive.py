@@ -1,6 +1,5 @@
-"""Exercise 2a of the course (course/README.md): NT-Xent written as a loop, one anchor at a time, before the
-vectorized simclr.nt_xent_loss of exercise 2b. Not used by any training script; graded by tests/test_course.py
-against an independent float64 reference on random seeded inputs.
+"""Exercise 2 of the course (course/README.md): NT-Xent written as a loop, one anchor at a time, before the
+vectorized simclr.nt_xent_loss of exercise 3. Not used by any training script.
 
 Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020, https://arxiv.org/abs/2002.05709, §2.1 and Algorithm 1.

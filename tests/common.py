@@ -1,7 +1,9 @@
 """Checks every method file's tests share: the same training script run in one process and in two gloo
-processes on the same global batch, the sampler's order per epoch, and small real-image folders.
+processes on the same global batch, the sampler's order per epoch, small real-image folders, and the course's
+checks of a momentum update.
 
 Not a test module (pytest collects test_*.py only); the method test files import it."""
+import copy
 import importlib
 import json
 import os
@@ -108,3 +110,28 @@ def small_folder(root, train_per_class, test_per_class):
             for f in sorted(os.listdir(os.path.join(SAMPLE, split, c)))[:n]:
                 shutil.copy(os.path.join(SAMPLE, split, c, f), os.path.join(root, split, c, f))
     return str(root)
+
+
+def check_ema_endpoints(ema_update):
+    """The course's checks of a momentum (target, teacher) update that give its rule no more away than its
+    docstring: with m = 1 the target stays as it is, with m = 0 it becomes the online network's parameters; in
+    both, in place, unrecorded by autograd, the target's buffers (BN statistics) and the online network untouched."""
+    for m in (1.0, 0.0):
+        torch.manual_seed(0)
+        make = lambda: torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7))  # noqa: E731
+        online, target = make(), make().requires_grad_(False)
+        online(torch.randn(16, 5))  # online's BN statistics move, the target's stay
+        online_before, target_before = copy.deepcopy(online.state_dict()), copy.deepcopy(target.state_dict())
+        params = list(target.parameters())
+        with torch.enable_grad():
+            ema_update(target, online, m)
+        want = target_before if m == 1.0 else {**target_before, **{n: p for n, p in online_before.items()
+                                                                   if n in dict(target.named_parameters())}}
+        for name, p in target.named_parameters():
+            torch.testing.assert_close(p, want[name], msg=f"m = {m}: {name}")
+            assert p.grad_fn is None and not p.requires_grad, f"m = {m}: {name} recorded by autograd"
+        assert all(a is b for a, b in zip(target.parameters(), params)), "parameters replaced, not updated in place"
+        for name, b in target.named_buffers():
+            assert torch.equal(b, target_before[name]), f"m = {m}: the target's buffer {name} changed"
+        for name, v in online.state_dict().items():
+            assert torch.equal(v, online_before[name]), f"m = {m}: the online network's {name} changed"

@@ -257,6 +257,7 @@ def test_figures_without_their_input_are_skipped_with_a_note(tmp_path, monkeypat
     assert "seeds.png" in map(os.path.basename, plots.make_figures(tmp_path))
 
 
+@pytest.mark.needs_simclr_aug
 def test_view_grid_has_a_header_naming_each_column(tmp_path):
     """Catches a view grid (data.py --show, the study's views_<method>.png) without its header, a label over the
     wrong column, the wrong names (view / global / small) or sizes, and small crops no longer drawn at their size."""

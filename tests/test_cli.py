@@ -229,7 +229,7 @@ def test_the_small_crop_is_the_papers_share_of_the_image_on_the_patch_grid():
     assert {k: data.small_crop_side(*k) for k in cases} == cases
 
 
-@pytest.mark.parametrize("method, paper", [("swav", 6), ("dino", 8)])
+@pytest.mark.parametrize("method, paper", [pytest.param("swav", 6, marks=pytest.mark.needs_simclr_aug), ("dino", 8)])
 def test_small_crops_by_default_only_where_they_are_4x4_patches_and_small(method, paper, tiny_data, tmp_path,
                                                                           monkeypatch, capsys):
     """Catches the papers' small crops by default on a grid too coarse for them (vit_mini/8's 16 px crops are 2x2

@@ -1,144 +1,47 @@
-"""The course kit (course/README.md, course/make_student_copy.py): grading tests for the exercises that had none
-against an independent reference on seeded random inputs (SimCLR's augmentation recipe field by field and as
-measured on images, NT-Xent as a loop, the momentum updates of MoCo and BYOL, DINO's centre), and the kit itself:
-every exercise's function exists with a docstring, its markers are registered and on the sheet, and the ast
-rewriting keeps decorators, signature and docstring and raises NotImplementedError naming the exercise. Each
-test names the bug it catches."""
+"""The course kit (course/README.md, course/make_student_copy.py, course/grade.py, course/assignment.ipynb), which
+is instructor-only like the grading tests it checks (the student copy leaves this file out): every exercise's
+function exists with a docstring, its markers are registered, its grading file and points are the sheet's; the
+ast rewriting keeps decorators, signature and docstring and raises NotImplementedError naming the exercise; the
+student copy holds no instructor's file and no answer (a reference body pasted anywhere is found); the grader gives
+full points to the reference, 0 with one line per exercise to a fresh student copy, loses exactly a wrong
+exercise's points, and reads no gradient, a loop over the batch, a file that does not import, an endless loop and
+edited tests as it should. Each test names the bug it catches."""
 import ast
 import importlib.util
 import inspect
-import math
+import json
 import os
-import random
 import re
+import shutil
 
 import pytest
 import torch
 
-import byol
-import data
-import dino
-import moco
 import simclr
 from common import ROOT
 
-spec = importlib.util.spec_from_file_location("make_student_copy", os.path.join(ROOT, "course", "make_student_copy.py"))
-kit = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kit)
-naive_spec = importlib.util.spec_from_file_location("course_naive", os.path.join(ROOT, "course", "naive.py"))
-naive = importlib.util.module_from_spec(naive_spec)
-naive_spec.loader.exec_module(naive)
 
-RNG = random.Random(20)  # the graded cases: drawn once, seeded, so nobody can hard-code them by looking at a list
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-# ---- exercise 1: SimCLR's augmentation recipe ----
-@pytest.mark.ex_simclr_aug
-@pytest.mark.parametrize("img_size,strength", [(32, 0.5), (96, 1.0)] + [
-    (RNG.choice([16, 24, 48, 64, 80, 128, 224]), round(RNG.uniform(0.2, 1.5), 3)) for _ in range(4)])
-def test_simclr_spec_is_the_papers_recipe(img_size, strength):
-    """Catches a crop range, aspect range, interpolation, flip, jitter strength or probability, grayscale or blur
-    that is not SimCLR's App. A recipe at colour strength s (blur only from 64 px, App. B.9), or a strength ignored."""
-    s = data.simclr_spec(img_size, strength=strength)
-    assert isinstance(s, data.ViewSpec) and s.size == img_size
-    assert s.scale == pytest.approx((0.08, 1.0)) and s.ratio == pytest.approx((3 / 4, 4 / 3))
-    assert s.interpolation == "bicubic" and s.flip_p == 0.5
-    assert s.jitter == pytest.approx((0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength))
-    assert s.jitter_p == 0.8 and s.gray_p == 0.2 and s.solarize_p == 0.0
-    if img_size >= 64:
-        kernel = int(0.1 * img_size) // 2 * 2 + 1  # 10% of the side, odd (App. A: 23 px at 224)
-        assert (s.blur_p, s.blur_kernel, s.blur_sigma) == (0.5, kernel, pytest.approx((0.1, 2.0)))
-    else:
-        assert s.blur_p == 0.0
-    assert data.simclr_spec(img_size) == data.simclr_spec(img_size, 0.5)  # CIFAR-10's strength by default
+kit = load("make_student_copy", "course/make_student_copy.py")
+grade = load("grade", "course/grade.py")
 
 
-@pytest.mark.ex_simclr_aug
-@pytest.mark.parametrize("path", ["pil", "device"])
-def test_simclr_views_show_the_papers_statistics(path):
-    """Catches a recipe that reads right but draws wrong: crop areas and aspects, flips, brightness and hue
-    factors, jitter and grayscale rates of 1000 views, measured on images (tests/test_data.py's measurements)."""
-    import test_data
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: see test_data.one_thread
-    try:
-        test_data.test_crop_and_flip_statistics("simclr", path)
-        test_data.test_colour_statistics("simclr", path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-# ---- exercise 2: NT-Xent as a loop ----
-@pytest.mark.ex_simclr_loss_naive
-@pytest.mark.parametrize("B,D,tau", [(2, 3, 0.5), (1, 4, 0.1)] + [
-    (RNG.randint(2, 12), RNG.randint(2, 32), round(RNG.uniform(0.05, 1.0), 3)) for _ in range(4)])
-def test_nt_xent_loss_naive_matches_algorithm_1(B, D, tau):
-    """Catches a loop with a wrong partner, a self-similarity left in the denominator, a missing normalization or
-    temperature, or the mean over B instead of 2B anchors: against test_simclr.nt_xent_slow on seeded inputs."""
-    from test_simclr import nt_xent_slow
-    g = torch.Generator().manual_seed(1000 * B + D)
-    z1, z2 = torch.randn(B, D, generator=g) * 3, torch.randn(B, D, generator=g)
-    got = naive.nt_xent_loss_naive(z1, z2, tau)
-    assert isinstance(got, torch.Tensor) and got.dim() == 0
-    assert got.item() == pytest.approx(nt_xent_slow(z1, z2, tau), rel=1e-6)
-    c = torch.ones(B, D)  # collapse: the partner is one of 2B - 1 equal candidates
-    assert naive.nt_xent_loss_naive(c, c, tau).item() == pytest.approx(math.log(max(1, 2 * B - 1)), abs=1e-6)
-
-
-# ---- exercises 5, 6: the momentum (target) network's update ----
-def two_networks(seed):
-    """A small online network and a target that differs from it, with BatchNorm buffers that differ too."""
-    torch.manual_seed(seed)
-    make = lambda: torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))  # noqa
-    online, target = make(), make().requires_grad_(False)
-    online(torch.randn(16, 5))  # online's BN running statistics move; the target's stay at their init
-    return online, target
-
-
-@pytest.mark.parametrize("module", [pytest.param(moco, marks=pytest.mark.ex_moco),
-                                    pytest.param(byol, marks=pytest.mark.ex_byol)], ids=["moco", "byol"])
-@pytest.mark.parametrize("m", [0.0, 1.0, round(RNG.uniform(0.9, 0.999), 4), round(RNG.uniform(0.1, 0.9), 4)])
-def test_ema_update_moves_the_target_parameters_only(module, m):
-    """Catches an EMA with m on the online side, an update of the online network or of the target's buffers (BN
-    statistics stay its own), a copy instead of an average, and an update that autograd records."""
-    online, target = two_networks(seed=int(m * 1000))
-    online_before = {k: v.clone() for k, v in online.state_dict().items()}
-    target_before = {k: v.clone() for k, v in target.state_dict().items()}
-    with torch.enable_grad():
-        module.ema_update(target, online, m)
-    for (name, t), o in zip(target.named_parameters(), online.parameters()):
-        torch.testing.assert_close(t, m * target_before[name] + (1 - m) * online_before[name], msg=name)
-        assert t.grad_fn is None and not t.requires_grad and o.grad is None, name
-    for name, b in target.named_buffers():
-        assert torch.equal(b, target_before[name]), f"buffer {name} changed"
-    for name, v in online.state_dict().items():
-        assert torch.equal(v, online_before[name]), f"the online network's {name} changed"
-
-
-# ---- exercise 9: DINO's centre ----
-@pytest.mark.ex_dino
-@pytest.mark.parametrize("B,K,m", [(4, 6, 0.9)] + [
-    (RNG.randint(1, 16), RNG.randint(2, 64), round(RNG.uniform(0.5, 0.999), 4)) for _ in range(3)])
-def test_update_center_is_an_ema_of_the_teachers_batch_mean(B, K, m):
-    """Catches a centre that averages over one crop or the wrong axis, puts m on the new mean, is not updated in
-    place, or is recorded by autograd: c <- m c + (1 - m) mean over both global crops and the batch (Eq. 4)."""
-    g = torch.Generator().manual_seed(B * K)
-    teacher, center = torch.randn(2, B, K, generator=g).requires_grad_(), torch.randn(K, generator=g)
-    before, ref = center.clone(), center
-    slow = [m * before[k].item() + (1 - m) * sum(teacher[i, b, k].item() for i in range(2) for b in range(B)) / (2 * B)
-            for k in range(K)]
-    dino.update_center(center, teacher, m)
-    assert center is ref and center.shape == (K,) and not center.requires_grad
-    torch.testing.assert_close(center, torch.tensor(slow), rtol=1e-5, atol=1e-6)
-
-
-# ---- the kit ----
-def test_every_exercise_function_exists_with_a_docstring_and_its_markers_are_registered_and_on_the_sheet():
+# ---- the kit's tables ----
+def test_every_exercise_has_its_function_markers_grading_file_and_points():
     """Catches an exercise's function renamed or moved (the kit finds it by name), a docstring dropped (it is the
-    student's specification), a marker missing from pytest.ini, and a sheet without the grading command."""
+    student's specification), a marker missing from pytest.ini, a sheet without the check command or the section,
+    a grading file missing, and a points table that names a grading test that does not exist or leaves one out
+    (it would never count, or count for nothing)."""
     ini = open(os.path.join(ROOT, "pytest.ini")).read()
     sheet = open(os.path.join(ROOT, "course", "README.md")).read()
     assert [e.number for e in kit.EXERCISES] == list(range(1, len(kit.EXERCISES) + 1))
+    assert "course/grading" in re.search(r"^testpaths\s*=(.*)$", ini, re.M).group(1).split()
     for e in kit.EXERCISES:
         for path, qualname in e.functions:
             fn = kit.find_function(ast.parse(open(os.path.join(ROOT, path)).read()), qualname)
@@ -148,6 +51,23 @@ def test_every_exercise_function_exists_with_a_docstring_and_its_markers_are_reg
             assert re.search(rf"^\s+{marker}:", ini, re.M), marker
         assert f"python -m pytest -m {e.marker}" in sheet, e.marker
         assert re.search(rf"^## Exercise {e.number}\b", sheet, re.M), e.number
+        tree = ast.parse(open(os.path.join(ROOT, grade.test_file(e))).read())
+        tests = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+        grouped = [t for _, _, names, _ in grade.POINTS[e.number] for t in names]
+        assert sorted(grouped) == sorted(tests), f"exercise {e.number}: the points table and {grade.test_file(e)}"
+        groups = [g for g, _, _, _ in grade.POINTS[e.number]]
+        assert all(set(needs) <= set(groups) for _, _, _, needs in grade.POINTS[e.number])
+
+
+def test_the_sheets_points_are_the_graders():
+    """Catches a sheet whose points table (what students are told) differs from what course/grade.py awards."""
+    sheet = open(os.path.join(ROOT, "course", "README.md")).read()
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| ([^|]+?) \| (\d+) \|", sheet, re.M)
+    table = {}
+    for number, name, group, points in rows:
+        table.setdefault(int(number), []).append((group.strip(), int(points)))
+    assert table == {n: [(g, p) for g, p, _, _ in groups] for n, groups in grade.POINTS.items()}
+    assert sum(p for groups in grade.POINTS.values() for _, p, _, _ in groups) + grade.WRITTEN[2] == 100
 
 
 SAMPLE_SOURCE = '''import torch
@@ -205,12 +125,17 @@ def test_stub_source_keeps_signature_and_docstring_and_raises_naming_the_exercis
 
 def test_student_copy_stubs_the_chosen_exercise_in_the_repository(tmp_path):
     """Catches a copy that stubs the wrong function or none, loses the docstring or signature of the real one,
-    copies .git (its history holds the reference) or the instructor's answers, has no grading banner, or overwrites
-    a folder it did not make."""
+    copies .git (its history holds the reference) or an instructor's file (the answer key, the grading tests, the
+    grader, this file), has no banner, or overwrites a folder it did not make."""
     out = tmp_path / "student"
     kit.main([str(out), "--exercises", "simclr_loss"])
     assert not (out / ".git").exists() and (out / "tests" / "data_sample").is_dir()
-    assert not (out / "course" / "instructor_notes.md").exists() and (out / "course" / "README.md").exists()
+    assert (out / "course" / "README.md").exists() and (out / "course" / "make_student_copy.py").exists()
+    for f in ("course/instructor_notes.md", "course/grade.py", "course/answer_runs.py", "course/grading",
+              "tests/test_course.py"):
+        assert not (out / f).exists(), f
+    assert (tmp_path / "reference").exists() is False and kit.copy_repo(ROOT, str(tmp_path / "reference"), []) > 0
+    assert (tmp_path / "reference" / "course" / "grading" / "grading_checks.py").exists()  # the reference: all
     assert "python -m pytest -m ex_simclr_loss" in (out / "README.md").read_text()
     copy_spec = importlib.util.spec_from_file_location("student_simclr", out / "simclr.py")
     student = importlib.util.module_from_spec(copy_spec)
@@ -231,3 +156,211 @@ def test_student_copy_stubs_the_chosen_exercise_in_the_repository(tmp_path):
         kit.main([str(tmp_path / "mine")])
     with pytest.raises(SystemExit, match="unknown exercise"):
         kit.main([str(out), "--exercises", "nope"])
+
+
+# ---- no answer in the student copy ----
+@pytest.fixture(scope="module")
+def student_copy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("copy") / "student"
+    kit.copy_repo(ROOT, str(out), kit.select(None))
+    return out
+
+
+def test_the_student_copy_holds_no_reference_body(student_copy):
+    """Catches an answer left in the copy: an exercise's body written out elsewhere (dino.ema_update was moco's
+    and byol's answer), in a docstring (the EMA loop was in ema_update's), a comment or a test. The only overlap
+    allowed is the one ALLOWED_OVERLAPS explains."""
+    leaks, allowed = kit.find_answers(ROOT, str(student_copy), kit.select(None))
+    assert leaks == []
+    assert all(line.startswith("data.py (byol_specs)") for line in allowed)
+
+
+@pytest.mark.parametrize("where", ["docstring", "comment", "markdown", "notebook", "other function"])
+def test_a_reference_body_pasted_anywhere_is_found(student_copy, tmp_path, where):
+    """Catches a search that misses a body because it was re-indented, re-wrapped, put in a docstring, a
+    comment, a markdown file or a notebook cell, or written out in another function."""
+    out = tmp_path / "copy"
+    shutil.copytree(student_copy, out)
+    source = open(os.path.join(ROOT, "simclr.py")).read()
+    fn = kit.find_function(ast.parse(source), "nt_xent_loss")
+    body = source.splitlines()[kit._docstring_node(fn).end_lineno:fn.end_lineno]
+    if where == "docstring":
+        path, text = "vit.py", '"""' + "\n".join(line.strip() for line in body) + '"""\n'
+    elif where == "comment":
+        path, text = "vit.py", "\n".join("#   " + line for line in body) + "\n"
+    elif where == "markdown":
+        path, text = "docs/answers.md", "```python\n" + " ".join(line.strip() for line in body) + "\n```\n"
+    elif where == "notebook":
+        path, text = "course/answers.ipynb", json.dumps({"cells": [{"cell_type": "code", "source": body}]})
+    else:
+        path, text = "vit.py", "def helper(z1, z2, temperature, z1_all=None, z2_all=None, rank=0):\n" + \
+            "\n".join(body) + "\n"
+    with open(out / path, "a") as f:
+        f.write(text)
+    leaks, _ = kit.find_answers(ROOT, str(out), kit.select(None))
+    assert any(line.startswith(path) and "simclr.nt_xent_loss" in line for line in leaks), leaks
+
+
+# ---- the grader ----
+def submission(root, name, files):
+    """A student's folder holding `files` ({path: source}, the reference's file where source is None)."""
+    for path, source in files.items():
+        os.makedirs(os.path.dirname(root / name / path), exist_ok=True)
+        text = open(os.path.join(ROOT, path)).read() if source is None else source
+        (root / name / path).write_text(text)
+
+
+def edited(path, old, new):
+    source = open(os.path.join(ROOT, path)).read()
+    assert source.count(old) == 1, old
+    return source.replace(old, new)
+
+
+def stubbed(path, qualname, number):
+    return kit.stub_source(open(os.path.join(ROOT, path)).read(),
+                           {qualname: f"exercise {number}: write {qualname} (see course/README.md)"})
+
+
+def run_grader(root, exercises, capsys, timeout=60):
+    out = root / "results.json"
+    assert grade.main([str(root / "students"), "--exercises", *exercises, "--timeout", str(timeout),
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    return json.loads(out.read_text()), printed
+
+
+def scores(report):
+    """{exercise number: (points, max)} and {test group name: points} of one student's results.json."""
+    by_exercise, by_group = {}, {}
+    for t in report["tests"]:
+        number = int(t["name"].split()[0])
+        got, top = by_exercise.get(number, (0, 0))
+        by_exercise[number] = (got + t["score"], top + t["max_score"])
+        by_group[t["name"]] = t["score"]
+    return by_exercise, by_group
+
+
+def test_grader_full_points_zero_for_a_stub_and_a_wrong_exercise_loses_only_its_own(tmp_path, capsys):
+    """Catches a grader that does not give the reference every point, gives a fresh student copy any point or
+    more than one line per exercise, or lets a wrong exercise cost another exercise's points (a wrong loss
+    graded together with the loop of exercise 2). Also Gradescope's format: a score, and tests named
+    '<number> <exercise>: <group>' with score, max_score and output."""
+    submission(tmp_path / "students", "reference", {"simclr.py": None, "course/naive.py": None})
+    submission(tmp_path / "students", "stub", {"simclr.py": stubbed("simclr.py", "nt_xent_loss", 3),
+                                               "course/naive.py": stubbed("course/naive.py", "nt_xent_loss_naive", 2)})
+    submission(tmp_path / "students", "wrong", {
+        "simclr.py": edited("simclr.py", "logits = anchors @ candidates.T / temperature",
+                            "logits = anchors @ candidates.T"),
+        "course/naive.py": None})
+    results, printed = run_grader(tmp_path, ["2", "3"], capsys)
+    full = {2: (6, 6), 3: (12, 12)}
+    assert scores(results["reference"])[0] == full and results["reference"]["score"] == 18
+    assert scores(results["stub"])[0] == {2: (0, 6), 3: (0, 12)} and results["stub"]["score"] == 0
+    assert scores(results["wrong"])[0] == {2: (6, 6), 3: (0, 12)}
+    stub_lines = [line for line in printed[printed.index("stub:"):printed.index("total", printed.index("stub:"))]
+                  .splitlines()[1:] if line.strip()]
+    assert len(stub_lines) == 2 and all(re.search(rf"^\s+{n}\s.*0 / \d+ .*not written: NotImplementedError: "
+                                                  rf"exercise {n}: write", line)
+                                        for n, line in zip((2, 3), stub_lines)), stub_lines
+    for t in results["reference"]["tests"]:
+        assert re.match(r"^[23] simclr_loss(_naive)?: \w+$", t["name"]) and t["score"] == t["max_score"] > 0, t
+        assert set(t) == {"name", "score", "max_score", "output"}
+
+
+def test_grader_reads_the_concept_not_only_the_value(tmp_path, capsys):
+    """Catches a grader that gives an NT-Xent without gradient (computed under no_grad) its gradient points, a
+    Python loop over the batch its vectorized points, or a fast wrong loss its vectorized points."""
+    no_grad = edited("simclr.py", "def nt_xent_loss(", "@torch.no_grad()\ndef nt_xent_loss(")
+    loop = edited("simclr.py", "    if z1_all is None:\n        z1_all, z2_all = z1, z2\n",
+                  "    if z1_all is None and len(z1) > 1:  # one image at a time, against all candidates\n"
+                  "        return sum(nt_xent_loss(z1[i:i + 1], z2[i:i + 1], temperature, z1, z2, rank=i)\n"
+                  "                   for i in range(len(z1))) / len(z1)\n"
+                  "    if z1_all is None:\n        z1_all, z2_all = z1, z2\n")
+    for name, source in (("no_grad", no_grad), ("loop", loop)):
+        submission(tmp_path / "students", name, {"simclr.py": source})
+    results, _ = run_grader(tmp_path, ["3"], capsys)
+    _, no_grad_groups = scores(results["no_grad"])
+    assert no_grad_groups["3 simclr_loss: value"] == 4 and no_grad_groups["3 simclr_loss: gradient"] == 0
+    _, loop_groups = scores(results["loop"])
+    assert loop_groups == {"3 simclr_loss: value": 4, "3 simclr_loss: gradient": 4, "3 simclr_loss: vectorized": 0,
+                           "3 simclr_loss: processes": 2}
+    assert "not vectorized" in next(t["output"] for t in results["loop"]["tests"] if t["name"].endswith("vectorized"))
+
+
+def test_grader_survives_a_file_that_does_not_import_an_endless_loop_and_edited_tests(tmp_path, capsys):
+    """Catches a grader that crashes or hangs on a submission that does not import or loops forever (each gets
+    0 with a one-line reason, the next student is still graded), that leaves a student's broken file in place for
+    the next exercise (exercise 2's grading imports simclr.py, which imports data.py: a data.py that does not
+    import would cost exercise 2 too), and one that lets a student's own tests, conftest.py or pytest.ini count
+    (an edited copy of the grading tests that passes anything)."""
+    naive = "course/naive.py"
+    header = "def nt_xent_loss_naive(z1, z2, temperature):"
+    submission(tmp_path / "students", "a_syntax_error", {naive: edited(naive, header, header[:-1])})
+    submission(tmp_path / "students", "b_endless", {naive: edited(naive, "    n = len(views)\n",
+                                                                  "    while True:\n        pass\n")})
+    cheat = {naive: edited(naive, "    return torch.tensor(total / n)", "    return torch.tensor(0.0)"),
+             "conftest.py": "import pytest\n\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_call(item):\n"
+                            "    yield\n", "pytest.ini": "[pytest]\naddopts = -p no:terminal\n"}
+    cheat["course/grading/test_ex02_simclr_loss_naive.py"] = "def test_value_matches_algorithm_1():\n    pass\n"
+    submission(tmp_path / "students", "c_edited_tests", cheat)
+    submission(tmp_path / "students", "d_reference", {naive: None})
+    submission(tmp_path / "students", "e_broken_data", {naive: None, "data.py": "import torch\nraise RuntimeError"})
+    results, printed = run_grader(tmp_path, ["1", "2"], capsys, timeout=20)
+    assert results["a_syntax_error"]["score"] == 0 and "does not import: SyntaxError" in printed
+    assert results["b_endless"]["score"] == 0 and "stopped after the time limit of 20 s" in printed
+    endless = re.search(r"^\s+2\s+simclr_loss_naive\s+0 / 6\s+\((\d+) s\)\s+stopped", printed, re.M)
+    assert endless and int(endless.group(1)) < 20 + 15, printed  # stopped at the limit, not when it chose to
+    assert results["c_edited_tests"]["score"] == 0 and results["d_reference"]["score"] == 6
+    assert scores(results["e_broken_data"])[0] == {1: (0, 8), 2: (6, 6)}
+    assert "does not import: RuntimeError" in printed and "not submitted: data.py missing" in printed
+    assert all(len(t["output"].splitlines()) == 1 for r in results.values() for t in r["tests"])
+
+
+def test_grader_refuses_a_student_copy_and_a_folder_without_exercises(tmp_path, monkeypatch):
+    """Catches a grader that runs without its grading tests (from a student copy: every grade would be 0) or
+    on a folder that holds no submission, instead of saying so in one line."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no exercise file"):
+        grade.main([str(tmp_path / "empty")])
+    monkeypatch.setattr(grade, "ROOT", str(tmp_path))
+    with pytest.raises(SystemExit, match="grade from the instructor's repository"):
+        grade.main([str(tmp_path / "empty")])
+
+
+# ---- the notebook ----
+def test_the_notebook_is_committed_without_outputs():
+    """Catches a notebook committed with its outputs (a student would see another run's results as theirs, and
+    the diffs would be megabytes) or one that writes an exercise's function itself."""
+    nb = json.load(open(os.path.join(ROOT, "course", "assignment.ipynb")))
+    code = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
+    assert code and all(not cell["outputs"] and cell["execution_count"] is None for cell in code)
+    source = "\n".join("".join(cell["source"]) for cell in code)
+    for e in kit.EXERCISES:  # the notebook calls the exercises' functions, it never writes one
+        for _, qualname in e.functions:
+            assert not re.search(rf"^\s*def {qualname.split('.')[-1]}\(", source, re.M), qualname
+
+
+def test_the_notebook_runs_on_a_student_copy_with_the_reference_filled_in(tmp_path):
+    """Catches a notebook that does not run from set-up to the last cell where students run it (a student copy's
+    layout, no instructor's file, every exercise written: the reference): a check or a run that fails, a helper
+    that calls something the copy lacks. COURSE_QUICK=1 shortens its training runs to one epoch of a tenth of
+    the sample (a few minutes of CPU in all)."""
+    import nbclient  # requirements-dev.txt
+    import nbformat
+    out = tmp_path / "copy"
+    kit.copy_repo(ROOT, str(out), [], instructor=False)
+    assert not (out / "course" / "grading").exists() and (out / "course" / "assignment.ipynb").exists()
+    nb = nbformat.read(str(out / "course" / "assignment.ipynb"), as_version=4)
+    os.environ["COURSE_QUICK"] = "1"  # the kernel inherits it
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(out / "course")}}).execute()
+    finally:
+        del os.environ["COURSE_QUICK"]
+    text = "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert text.count(" passed") == len(kit.EXERCISES) and " failed" not in text  # every exercise's checks
+    for script in ("simclr.py", "moco.py", "byol.py", "swav.py", "dino.py"):
+        assert f"$ {script} --dataset folder" in text
+        assert (out / "runs" / "notebook" / script[:-3] / "log.jsonl").exists()
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+               for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)  # the views, the curves

@@ -322,6 +322,7 @@ def test_images_of_different_sizes_give_one_line_or_pil(tmp_path):
     assert not isinstance(loader, data.DeviceLoader) and [v.shape[-1] for v in next(iter(loader))[0]] == [32, 32]
 
 
+@pytest.mark.needs_simclr_aug
 def test_show_device_views(tmp_path):
     """Catches `python data.py --show swav --aug batched` failing or drawing another grid than the PIL path's."""
     out = tmp_path / "v.png"

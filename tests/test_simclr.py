@@ -1,7 +1,10 @@
-"""simclr.py: NT-Xent against a slow loop written from the paper's Algorithm 1 and its known values; the
-training script in one process and in two gloo processes on the same global batch (loss and gradients);
-training that learns (loss falls, every weight moves) on a fixed set; a new order and new views every epoch;
---resume bit for bit; the NaN guards; the collapse monitor; bad flags. Each test names the bug it catches."""
+"""simclr.py: NT-Xent's properties (the course's exercises 2 and 3: a number that does not depend on the views'
+order or lengths, ln(2B - 1) at collapse, a gradient into both views, the loop equal to the vectorized loss; the
+instructor's grading tests hold Algorithm 1 as a loop); the training script in one process and in two gloo
+processes on the same global batch (loss and gradients); training that learns (loss falls, every weight moves)
+on a fixed set; a new order and new views every epoch; --resume bit for bit; the NaN guards; the collapse
+monitor; bad flags. Each test names the bug it catches."""
+import importlib.util
 import json
 import math
 import os
@@ -18,52 +21,63 @@ import vit
 from common import ROOT, FixedViews, RecordingSampler, assert_same_first_step, free_port, read_log
 
 
-def nt_xent_slow(z1, z2, tau):
-    """Algorithm 1, literally: z_{2k-1}, z_{2k} are the two views of image k; l(i, j) for every pair."""
-    z = []
-    for a, b in zip(z1, z2):
-        z += [a, b]
-    n = len(z)  # 2N in the paper's notation
-
-    def sim(u, v):
-        return (u @ v / (u.norm() * v.norm())).item()
-
-    def l(i, j):
-        denom = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(n) if k != i)
-        return -math.log(math.exp(sim(z[i], z[j]) / tau) / denom)
-
-    return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n // 2)) / n
+# ---- exercises 2 and 3: NT-Xent as a loop and vectorized ----
+# The course's own checks: properties the loss has whatever its implementation, which give no formula away (the
+# grade, against Algorithm 1 as a loop, is the instructor's).
+def _naive():
+    spec = importlib.util.spec_from_file_location("course_naive", os.path.join(ROOT, "course", "naive.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.ex_simclr_loss
-@pytest.mark.parametrize("B,D,tau", [(2, 3, 0.5), (5, 8, 0.1), (8, 16, 1.0), (16, 4, 0.2)])
-def test_nt_xent_matches_algorithm_1(B, D, tau):
-    """Catches a wrong self-mask, temperature, normalization or partner index in nt_xent_loss."""
-    torch.manual_seed(B * D)
-    z1, z2 = torch.randn(B, D), torch.randn(B, D)
-    assert simclr.nt_xent_loss(z1, z2, tau).item() == pytest.approx(nt_xent_slow(z1, z2, tau), rel=1e-5)
+def views(B, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
 
 
-@pytest.mark.ex_simclr_loss
-@pytest.mark.parametrize("B,tau", [(4, 0.5), (8, 0.1)])
-def test_nt_xent_known_values(B, tau):
-    """Catches a loss that depends on the embeddings' scale or misses ln(2B-1) at collapse."""
-    z = torch.eye(16)[:B] * 3.0  # identical views of orthogonal embeddings: partner cosine 1, the rest 0
-    expected = math.log(1 + (2 * B - 2) * math.exp(-1 / tau))
-    assert simclr.nt_xent_loss(z, z, tau).item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    c = torch.ones(B, 16)  # collapse: uniform over the 2B-1 candidates
-    assert simclr.nt_xent_loss(c, c, tau).item() == pytest.approx(math.log(2 * B - 1), rel=1e-5)
+@pytest.mark.ex_simclr_loss_naive
+def test_naive_loss_is_a_symmetric_scale_free_number_with_ln_2b_minus_1_at_collapse():
+    """Exercise 2's checks. Catches a loop that returns no 0-dim tensor, treats the two views differently, depends
+    on the embeddings' lengths (no cosine), or does not give ln(2B - 1) when every view is the same (the partner
+    is one of 2B - 1 equal candidates)."""
+    naive = _naive()
+    z1, z2 = views(4, 8)
+    loss = naive.nt_xent_loss_naive(z1, z2, 0.5)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and math.isfinite(loss.item())
+    assert naive.nt_xent_loss_naive(z2, z1, 0.5).item() == pytest.approx(loss.item(), rel=1e-5)
+    assert naive.nt_xent_loss_naive(3 * z1, 0.5 * z2, 0.5).item() == pytest.approx(loss.item(), rel=1e-5)
+    c = torch.ones(4, 8)
+    assert naive.nt_xent_loss_naive(c, c, 0.5).item() == pytest.approx(math.log(7), rel=1e-5)
 
 
 @pytest.mark.ex_simclr_loss
-def test_rank_offset_loss_equals_whole_batch_loss():
-    """Catches a rank offset that puts a process's positives or self-mask at another process's images."""
-    torch.manual_seed(0)
-    z1, z2 = torch.randn(8, 6), torch.randn(8, 6)
-    whole = simclr.nt_xent_loss(z1, z2, 0.3)
-    halves = [simclr.nt_xent_loss(z1[r * 4:(r + 1) * 4], z2[r * 4:(r + 1) * 4], 0.3, z1, z2, rank=r)
-              for r in range(2)]
-    torch.testing.assert_close(sum(halves) / 2, whole)
+def test_nt_xent_loss_is_a_differentiable_symmetric_scale_free_number():
+    """Exercise 3's checks. Catches a loss that is not a 0-dim float32 tensor, gives no gradient to either view
+    (computed under no_grad or through .item()), treats the two views differently, depends on the embeddings'
+    lengths, or does not give ln(2B - 1) at collapse."""
+    z1, z2 = (z.requires_grad_() for z in views(8, 16))
+    loss = simclr.nt_xent_loss(z1, z2, 0.5)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.dtype == torch.float32
+    loss.backward()
+    for z in (z1, z2):
+        assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert simclr.nt_xent_loss(z2, z1, 0.5).item() == pytest.approx(loss.item(), rel=1e-5)
+        assert simclr.nt_xent_loss(3 * z1, 0.5 * z2, 0.5).item() == pytest.approx(loss.item(), rel=1e-5)
+        c = torch.ones(8, 16)
+        assert simclr.nt_xent_loss(c, c, 0.5).item() == pytest.approx(math.log(15), rel=1e-5)
+
+
+@pytest.mark.ex_simclr_loss
+@pytest.mark.needs_simclr_loss_naive
+@pytest.mark.parametrize("B,D,tau", [(3, 5, 0.5), (8, 16, 0.1)])
+def test_nt_xent_loss_equals_your_loop_of_exercise_2(B, D, tau):
+    """Exercise 3's checks, once exercise 2 is done. Catches a vectorized loss that disagrees with your own loop
+    (if both are wrong alike, the grade will tell)."""
+    z1, z2 = views(B, D, seed=B)
+    assert simclr.nt_xent_loss(z1, z2, tau).item() == pytest.approx(_naive().nt_xent_loss_naive(z1, z2, tau).item(),
+                                                                     rel=1e-5)
 
 
 def run_args(data_dir, out, epochs=2, *extra):
