@@ -366,6 +366,9 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, monkey
     eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--probe-epochs", "2", "--device", "cpu",
                       "--workers", "0"])
     assert "dino (teacher)" in capsys.readouterr().out
+    rows = eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--checkpoint-key", "student", "--no-probe",
+                             "--device", "cpu", "--workers", "0"])
+    assert rows[0]["network"] == "student" and "dino (student)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run silently
         dino.main(run_args(tmp_path, 1))
 
