@@ -354,25 +354,24 @@ def load_backbone(path, num_heads=None):
 # ---- command line ----
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="k-NN, linear-probe and fine-tuning evaluation of pretrained ViTs "
-                                "(see the module docstring for the protocols).")
+    p = data.script_parser(__doc__, __file__)
     g = p.add_argument_group("models")
     g.add_argument("--ckpt", nargs="+", default=[], metavar="PATH",
                    help="checkpoints to evaluate: this repo's <out>/checkpoint.pt of any method, or a timm/DeiT "
-                        "ViT state dict; several give one table")
+                        "ViT state dict; several give one table (default: no checkpoint)")
     g.add_argument("--random-init", action="store_true",
                    help="also evaluate an untrained network (the baseline): --arch/--patch-size/--img-size, or "
                         "the architecture of the first --ckpt")
     g.add_argument("--arch", choices=sorted(vit.ARCHS), default=None,
                    help="preset for --random-init (default: the first --ckpt's architecture)")
-    g.add_argument("--patch-size", type=int, default=4,
+    g.add_argument("--patch-size", type=data.pixel_side, default=4,
                    help="patch size for --random-init --arch (default: %(default)s)")
-    g.add_argument("--img-size", type=int, default=None,
+    g.add_argument("--img-size", type=data.pixel_side, default=None,
                    help="side the images are resized to (default: the backbone's img_size; another multiple of "
                         "the patch size resamples the position embedding); with --arch also the model's size "
                         "(default 32)")
-    g.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads of a timm/DeiT state dict (not in its shapes; default width // 64)")
+    g.add_argument("--num-heads", type=data.positive_int, default=None,
+                   help="attention heads of a timm/DeiT state dict (not in its shapes; default: width // 64)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "stl10", "folder"], default=None,
                    help="evaluation data (default: the first checkpoint's pretraining dataset; another one "
@@ -382,46 +381,47 @@ def get_args_parser():
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
-    g.add_argument("--batch-size", type=int, default=256,
+    g.add_argument("--batch-size", type=data.positive_int, default=256,
                    help="images per batch, features and fine-tuning (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--workers", type=data.worker_count, default=min(8, os.cpu_count() or 1),
                    help="data loading processes (default: %(default)s)")
     g = p.add_argument_group("protocols")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the weighted k-NN (InstDisc, DINO: 20)")
-    g.add_argument("--knn-temperature", type=float, default=0.07,
+    g.add_argument("--knn-k", type=data.positive_int, default=20,
+                   help="neighbours of the weighted k-NN (InstDisc, DINO: 20)")
+    g.add_argument("--knn-temperature", type=data.positive_float, default=0.07,
                    help="T in the neighbour weight exp(cos / T) (InstDisc, DINO: 0.07)")
     g.add_argument("--no-probe", action="store_true", help="skip the linear probe (k-NN only, or + --finetune)")
-    g.add_argument("--probe-epochs", type=int, default=100,
+    g.add_argument("--probe-epochs", type=data.epoch_count, default=100,
                    help="linear-probe epochs on cached features (default: %(default)s)")
     g.add_argument("--probe-optimizer", choices=sorted(PROBE_LR), default="sgd",
                    help="linear-probe optimizer; sgd has momentum 0.9 as DINO (default: %(default)s)")
-    g.add_argument("--probe-lr", type=float, default=None,
+    g.add_argument("--probe-lr", type=data.positive_float, default=None,
                    help=f"linear-probe peak learning rate, cosine to 0 (default: {PROBE_LR}, chosen on a 10%% "
                         "validation split of CIFAR-10 train, never on test: benchmarks/probe_lr.py)")
-    g.add_argument("--probe-weight-decay", type=float, default=0.0,
+    g.add_argument("--probe-weight-decay", type=data.nonneg_float, default=0.0,
                    help="linear-probe weight decay (default: %(default)s, as DINO)")
     g.add_argument("--finetune", action="store_true", help="also fine-tune the whole network (slow)")
-    g.add_argument("--finetune-epochs", type=int, default=100,
+    g.add_argument("--finetune-epochs", type=data.epoch_count, default=100,
                    help="fine-tuning epochs (default: %(default)s, as MAE)")
-    g.add_argument("--finetune-lr", type=float, default=5e-4,
+    g.add_argument("--finetune-lr", type=data.positive_float, default=5e-4,
                    help="fine-tuning peak AdamW learning rate per 256 images (MAE's base lr 5e-4): the run uses "
                         "finetune-lr * batch-size / 256")
     g.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how fine-tuning's views are made, as in the training scripts: batched on the device from "
                         "the train split decoded once, or pil in --workers processes; auto: batched where it fits "
                         "(default: %(default)s)")
-    g.add_argument("--val-fraction", type=float, default=None, metavar="F",
+    g.add_argument("--val-fraction", type=data.fraction, default=None, metavar="F",
                    help="hold out a fraction F of every class of the train split (--seed) and report accuracy on "
                         "it instead of the test split: choose probe or fine-tuning settings with this, then "
-                        "report the test number once")
+                        "report the test number once (default: off, the test split)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto",
+    g.add_argument("--device", type=data.device_name, default="auto",
                    help="auto (cuda, then mps, then cpu) or a torch device like cuda:1 (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=data.seed_int, default=0,
                    help="seeds --random-init, the probe, fine-tuning and --val-fraction (default: %(default)s)")
     g.add_argument("--results", default=None, metavar="FILE.jsonl",
                    help="append one JSON line per evaluated model (all numbers, settings, the command) to "
-                        "this file, e.g. runs/results.jsonl to collect every evaluation; off if not given")
+                        "this file, e.g. runs/results.jsonl to collect every evaluation (default: off)")
     return p
 
 
@@ -501,8 +501,6 @@ def main(argv=None):
         raise SystemExit("which data? give --dataset (and --data-dir); no checkpoint names its pretraining data")
     if data_dir is None and dataset == "folder":
         raise SystemExit("--dataset folder needs --data-dir <dir with train/<class>/*.jpg and test/<class>/*.jpg>")
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        raise SystemExit(f"--val-fraction {args.val_fraction}: give a fraction between 0 and 1, like 0.1")
     data_dir = data_dir or "data"  # torchvision's datasets: where --download puts them
     eval_data = f"folder:{os.path.basename(os.path.normpath(data_dir))}" if dataset == "folder" else dataset
     eval_data += f" (val {args.val_fraction:g} of train)" if args.val_fraction else ""

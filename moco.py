@@ -174,8 +174,7 @@ def save_checkpoint(path, ckpt):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MoCo v3 pretraining of a ViT", description=__doc__,
-                                formatter_class=data.HelpFormatter)
+    p = data.script_parser(__doc__, __file__)
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
@@ -184,19 +183,19 @@ def get_args_parser():
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
-    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
-    p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")
+    p.add_argument("--patch-size", type=data.pixel_side, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=data.pixel_side, default=32, help="training crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the random patch projection fixed, the paper's fix for ViT training instability "
                         "(§4.2; on by default, --no-freeze-patch-embed shows what it fixes)")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 300 (ViT, ImageNet)")
-    p.add_argument("--batch-size", type=int, default=512, help="total over all processes (paper: 4096)")
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--epochs", type=data.epoch_count, default=100, help="paper: 300 (ViT, ImageNet)")
+    p.add_argument("--batch-size", type=data.positive_int, default=512, help="total over all processes (paper: 4096)")
+    p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: 1.5e-4 at batch "
                         "4096, 300 epochs; short small-batch runs train faster with more)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled decay (paper: 0.1)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 40 of 300)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.1, help="AdamW decoupled decay (paper: 0.1)")
+    p.add_argument("--warmup-epochs", type=data.nonneg_int, default=10, help="linear lr warmup (paper: 40 of 300)")
+    p.add_argument("--workers", type=data.worker_count, default=4,
                    help="PIL loader processes per GPU (--aug pil, and the k-NN monitor's loaders)")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
@@ -211,22 +210,26 @@ def get_args_parser():
                    help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
-    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--knn-every", type=data.nonneg_int, default=10,
+                   help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--seed", type=data.seed_int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", type=data.device_name, default=None,
+                   help="cuda, cuda:N, mps or cpu (default: the best available: cuda, then mps, then cpu)")
     # MoCo's own
-    p.add_argument("--temperature", type=float, default=0.2, help="tau of the contrastive loss (paper, ViT: 0.2)")
-    p.add_argument("--momentum", type=float, default=0.99,
+    p.add_argument("--temperature", type=data.positive_float, default=0.2,
+                   help="tau of the contrastive loss (paper, ViT: 0.2)")
+    p.add_argument("--momentum", type=data.probability, default=0.99,
                    help="momentum m of the key encoder at the start, raised to 1 by a half cosine (paper, ViT: "
                         "0.99)")
-    p.add_argument("--hidden-dim", type=int, default=4096, help="projector and predictor width (paper: 4096)")
-    p.add_argument("--out-dim", type=int, default=256, help="projection output (paper: 256)")
-    p.add_argument("--queue", type=int, default=0, metavar="K",
+    p.add_argument("--hidden-dim", type=data.width_int, default=4096,
+                   help="projector and predictor width (paper: 4096)")
+    p.add_argument("--out-dim", type=data.width_int, default=256, help="projection output (paper: 256)")
+    p.add_argument("--queue", type=data.queue_size, default=0, metavar="K",
                    help="keep the K latest keys as extra negatives (MoCo v2's queue; v3: 0 = off). K must be a "
                         "multiple of --batch-size and at most the training set; MoCo v2: 65536 on ImageNet, "
                         "4096 on CIFAR-10")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
+    p.add_argument("--clip-grad", type=data.nonneg_float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
     return p
 
 

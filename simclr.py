@@ -127,8 +127,7 @@ def save_checkpoint(path, ckpt):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("SimCLR pretraining of a ViT", description=__doc__,
-                                formatter_class=data.HelpFormatter)
+    p = data.script_parser(__doc__, __file__)
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
@@ -137,19 +136,20 @@ def get_args_parser():
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
-    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
-    p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")
+    p.add_argument("--patch-size", type=data.pixel_side, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=data.pixel_side, default=32, help="training crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action="store_true",
                    help="keep the random patch projection fixed (MoCo v3 §4.2 stability trick)")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 100-1000 (CIFAR-10 up to 1000, App. B.9)")
-    p.add_argument("--batch-size", type=int, default=512,
+    p.add_argument("--epochs", type=data.epoch_count, default=100,
+                   help="paper: 100-1000 (CIFAR-10 up to 1000, App. B.9)")
+    p.add_argument("--batch-size", type=data.positive_int, default=512,
                    help="total over all processes (paper: 4096 on ImageNet, 256-4096 on CIFAR-10)")
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: LARS 0.3 * B/256)")
-    p.add_argument("--weight-decay", type=float, default=0.05,
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.05,
                    help="AdamW decoupled decay (DeiT/DINO's 0.05; paper: 1e-6 with LARS)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--warmup-epochs", type=data.nonneg_int, default=10, help="linear lr warmup (paper: 10)")
+    p.add_argument("--workers", type=data.worker_count, default=4,
                    help="PIL loader processes per GPU (--aug pil, and the k-NN monitor's loaders)")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
@@ -164,20 +164,22 @@ def get_args_parser():
                    help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
-    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--knn-every", type=data.nonneg_int, default=10,
+                   help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--seed", type=data.seed_int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", type=data.device_name, default=None,
+                   help="cuda, cuda:N, mps or cpu (default: the best available: cuda, then mps, then cpu)")
     # SimCLR's own
-    p.add_argument("--temperature", type=float, default=0.5,
+    p.add_argument("--temperature", type=data.positive_float, default=0.5,
                    help="NT-Xent tau: 0.5 is the paper's best on CIFAR-10 (App. B.9); 0.1 for ImageNet, batch 4096")
-    p.add_argument("--hidden-dim", type=int, default=2048,
+    p.add_argument("--hidden-dim", type=data.width_int, default=2048,
                    help="projection head's hidden width (reference code: the encoder's width, 2048 for ResNet-50; "
                         "that rule would give 192 for ViT-Tiny)")
-    p.add_argument("--out-dim", type=int, default=128, help="projection output (paper: 128)")
-    p.add_argument("--color-strength", type=float, default=0.5,
+    p.add_argument("--out-dim", type=data.width_int, default=128, help="projection output (paper: 128)")
+    p.add_argument("--color-strength", type=data.strength, default=0.5,
                    help="colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR-10)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
+    p.add_argument("--clip-grad", type=data.nonneg_float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
     return p
 
 

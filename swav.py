@@ -184,8 +184,7 @@ def default_small_crops(small_crop_size, patch_size):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("SwAV pretraining of a ViT", description=__doc__,
-                                formatter_class=data.HelpFormatter)
+    p = data.script_parser(__doc__, __file__)
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
@@ -194,20 +193,22 @@ def get_args_parser():
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
-    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
-    p.add_argument("--img-size", type=int, default=32, help="global crop size (paper: 224)")
+    p.add_argument("--patch-size", type=data.pixel_side, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=data.pixel_side, default=32, help="global crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action="store_true",
                    help="keep the random patch projection fixed (MoCo v3 §4.2 stability trick)")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 100-800 at batch 4096; 200 at batch 256")
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument("--epochs", type=data.epoch_count, default=100,
+                   help="paper: 100-800 at batch 4096; 200 at batch 256")
+    p.add_argument("--batch-size", type=data.positive_int, default=256,
                    help="total over all processes (paper: 4096; the reference code's small-batch recipe: 256)")
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: LARS 4.8 at 4096, "
                         "0.6 at 256)")
-    p.add_argument("--weight-decay", type=float, default=0.05,
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.05,
                    help="AdamW decoupled decay (DeiT/DINO's 0.05; paper: 1e-6 with LARS)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10 at batch 4096)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--warmup-epochs", type=data.nonneg_int, default=10,
+                   help="linear lr warmup (paper: 10 at batch 4096)")
+    p.add_argument("--workers", type=data.worker_count, default=4,
                    help="PIL loader processes per GPU (--aug pil, and the k-NN monitor's loaders)")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
@@ -222,46 +223,51 @@ def get_args_parser():
                    help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
-    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--knn-every", type=data.nonneg_int, default=10,
+                   help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--seed", type=data.seed_int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", type=data.device_name, default=None,
+                   help="cuda, cuda:N, mps or cpu (default: the best available: cuda, then mps, then cpu)")
     # SwAV's own. What the small-batch defaults rest on: 10,000-image CIFAR-10 subset, vit_mini/8, batch 256,
     # 2 epochs without small crops, K 1000, prototypes frozen; k-NN top-1 on its test split (random init 28.9):
     #   colour 1.0, epsilon 0.05 or 0.02, queue from step 15: 6 of 1000 prototypes used, loss above ln K (stopped)
     #   colour 0.5, epsilon 0.05: k-NN 29.5, 111 prototypes used; colour 0.5, epsilon 0.02: k-NN 32.0, 162 used
     #   the same with the queue from epoch 2: loss 6.17 instead of 6.30 but 99 prototypes used, k-NN 31.3
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the prediction (paper: 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.02,
+    p.add_argument("--temperature", type=data.positive_float, default=0.1,
+                   help="softmax temperature of the prediction (paper: 0.1)")
+    p.add_argument("--epsilon", type=data.positive_float, default=0.02,
                    help="Sinkhorn entropy weight, smaller: sharper codes (paper: 0.05; the reference README's first "
                         "advice when the loss sticks at ln K is to lower it; 0.02 learned best at batch 256 here)")
-    p.add_argument("--sinkhorn-iterations", type=int, default=3, help="Sinkhorn-Knopp iterations (paper: 3)")
-    p.add_argument("--hidden-dim", type=int, default=2048, help="projection head width (paper: 2048)")
-    p.add_argument("--out-dim", type=int, default=128, help="projection output, the prototypes' width (paper: 128)")
-    p.add_argument("--color-strength", type=float, default=0.5,
+    p.add_argument("--sinkhorn-iterations", type=data.int_range(1, 1000), default=3,
+                   help="Sinkhorn-Knopp iterations (paper: 3)")
+    p.add_argument("--hidden-dim", type=data.width_int, default=2048, help="projection head width (paper: 2048)")
+    p.add_argument("--out-dim", type=data.width_int, default=128,
+                   help="projection output, the prototypes' width (paper: 128)")
+    p.add_argument("--color-strength", type=data.strength, default=0.5,
                    help="colour distortion strength s of every crop (paper: 1.0; 0.5 is SimCLR's CIFAR-10 value: at "
                         "batch 256, 1.0 collapsed here)")
-    p.add_argument("--num-prototypes", type=int, default=1000,
+    p.add_argument("--num-prototypes", type=data.width_int, default=1000,
                    help="K, the number of clusters (paper: 3000 on ImageNet; on CIFAR-10 lightly's benchmark uses "
                         "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
-    p.add_argument("--num-small-crops", type=int, default=None,
+    p.add_argument("--num-small-crops", type=data.crop_count, default=None,
                    help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop. Default: 6 "
                         "where a small crop is at least 4x4 patches (ViT-Tiny/4's 16 px crops), else 0: vit_mini/8's "
                         "2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol (30.6 vs 34.1; untrained "
                         "28.6) at twice the cost")
-    p.add_argument("--small-crop-size", type=int, default=16,
+    p.add_argument("--small-crop-size", type=data.pixel_side, default=16,
                    help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
                         "grid); a multiple of --patch-size")
-    p.add_argument("--freeze-prototypes-epochs", type=int, default=1,
+    p.add_argument("--freeze-prototypes-epochs", type=data.nonneg_int, default=1,
                    help="the prototypes get no update in this many first epochs, whatever the dataset and batch "
                         "(reference code: its first epoch, --freeze_prototypes_niters 313 ImageNet steps at batch "
                         "4096, 5005 at 256); 0: they train from the first step")
-    p.add_argument("--queue", type=int, default=3840,
+    p.add_argument("--queue", type=data.queue_size, default=3840,
                    metavar="Q", help="Q past features per global crop that join the batch for the codes only; 0: "
                         "off; trimmed to a multiple of --batch-size (reference README: 3840 = 15 x 256 at batch 256)")
-    p.add_argument("--queue-start-epoch", type=int, default=15,
+    p.add_argument("--queue-start-epoch", type=data.nonneg_int, default=15,
                    help="the queue fills from this epoch on (reference code: 15 of 200; no gain in short runs here)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
+    p.add_argument("--clip-grad", type=data.nonneg_float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
     return p
 
 

@@ -32,22 +32,44 @@ def method_argv(method, tiny_data, out, epochs=1, knn_every=1):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_help_shows_every_default_the_presets_and_the_examples_as_written(method):
+def test_help_shows_every_default_the_presets_and_the_examples_as_written(method, capsys):
     """Catches an option whose default --help does not show (argparse's plain formatter), a docstring whose
     `\\`-continued example lines print joined into one (a docstring that is not raw), and --arch without the
     presets' sizes."""
     module = importlib.import_module(method)
     parser = module.get_args_parser()
     text = " ".join(parser.format_help().split())  # argparse wraps help lines: compare with whitespace collapsed
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help" and action.default is not argparse.SUPPRESS:
-            assert f"(default: {action.default})" in text, (action.option_strings, action.default)
     continued = [line for line in module.__doc__.splitlines() if line.endswith("\\")]
     assert continued, f"{method}.py's docstring has no multi-line example any more: this test checks nothing"
     for line in continued:
         assert line + "\n" in parser.format_help(), line
     assert vit.describe_presets() in parser.format_help().replace("\n", " ") or all(
         f"{name} (width" in text for name in vit.PRESETS)
+
+
+@pytest.mark.parametrize("script", [*METHODS, "eval_linear", "data"])
+def test_help_a_newcomer_can_read(script, capsys):
+    """Catches the usage line naming a description instead of the script ("usage: BYOL pretraining of a ViT"), an
+    option with no default or two ("(default: the best available) (default: None)"), and the whole docstring
+    (137-206 lines, the differences from the paper first) in front of the options: --help is one paragraph and the
+    paper, the options, the examples; --help-paper prints the docstring."""
+    module = importlib.import_module(script)
+    parser = module.get_args_parser()
+    shown = parser.format_help()
+    assert shown.startswith(f"usage: {script}.py [-h]"), shown[:100]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.default is not argparse.SUPPRESS and not action.required:
+            said = formatter._expand_help(action).lower()
+            assert said.count("default:") == 1 and "(default: none)" not in said, (action.option_strings, said)
+    first = module.__doc__.strip().split("\n\n")[0]
+    assert shown.index(first) < shown.index("options:") < shown.rindex("    python ")  # description, options, examples
+    if script in METHODS:
+        assert "Differences from the paper" in module.__doc__ and "Differences from the paper" not in shown
+        assert "\nPaper: " in shown
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--help-paper"])
+        assert e.value.code == 0 and capsys.readouterr().out == module.__doc__ + "\n"
 
 
 def test_preset_descriptions_count_the_real_parameters():
