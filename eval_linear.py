@@ -132,8 +132,61 @@ def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07
     """
     train_feats, train_labels = gather_features(*extract_features(backbone, train_loader, device))
     test_feats, test_labels = gather_features(*extract_features(backbone, test_loader, device))
+    check_labels(train_labels, test_labels, "the k-NN monitor (--knn-every 0 turns it off)")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)[0]
+
+
+def check_labels(train_labels, test_labels, what):
+    """A one-line SystemExit, naming `what` is being evaluated, where the labels make any accuracy meaningless
+    instead of a number that looks like a result: no test images, fewer than 2 classes in the train split (every
+    prediction is right: 100%), or a test class that the train split lacks (its images can never be right)."""
+    train_classes, test_classes = set(train_labels.unique().tolist()), set(test_labels.unique().tolist())
+    if len(test_labels) == 0:
+        raise SystemExit(f"{what}: no test images to score")
+    if len(train_classes) < 2:
+        raise SystemExit(f"{what}: the train split has {len(train_classes)} class, so every prediction is that class "
+                         f"and any accuracy is 100%: use data with 2 or more classes")
+    if test_classes - train_classes:
+        raise SystemExit(f"{what}: the test split has label(s) {sorted(test_classes - train_classes)} that the train "
+                         f"split lacks: no classifier trained on it can get their images right")
+
+
+def _knn_lines(log_path):
+    """The lines of a run's log.jsonl that hold a k-NN measurement."""
+    with open(log_path) as f:
+        return [line for line in map(json.loads, f) if line.get("knn_top1") is not None]
+
+
+def last_knn(log_path):
+    """{"knn_top1": the last k-NN measured in a run's log.jsonl, "knn_epoch": its epoch}: what a training script
+    shows on each epoch's line on screen, where the log itself has null (not measured that epoch)."""
+    measured = _knn_lines(log_path)
+    return {"knn_top1": measured[-1]["knn_top1"], "knn_epoch": measured[-1]["epoch"]} if measured else {}
+
+
+def duration(seconds):
+    """'42 s', '3 min 40 s', '2 h 5 min'."""
+    s = round(seconds)
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def run_summary(log_path, ckpt_path, seconds, resumed_at=0, epochs=None):
+    """A training script's last line: what the run gained by the k-NN of its log (epoch 0, the untrained network,
+    to the last measurement), how long it took (`seconds`: this process, since a resume at epoch `resumed_at`; with
+    resumed_at >= epochs nothing was trained), where the checkpoint is and what to run next."""
+    measured = _knn_lines(log_path)
+    if not measured:
+        gain = "k-NN not measured (--knn-every 0)"
+    else:
+        first, last = measured[0], measured[-1]
+        gain = f"k-NN {first['knn_top1']:.1f} -> {last['knn_top1']:.1f} ({last['knn_top1'] - first['knn_top1']:+.1f})"
+        if first["epoch"] != 0 or first is last:  # a log without its untrained line, or only one measurement
+            gain += f" (epochs {first['epoch']} to {last['epoch']})"
+    when = (f"in {duration(seconds)}" if not resumed_at else "trained before, nothing to train now"
+            if epochs is not None and resumed_at >= epochs else f"in {duration(seconds)} since the resume at epoch "
+            f"{resumed_at}")
+    return f"{gain} {when}; checkpoint {ckpt_path}; next: python eval_linear.py --ckpt {ckpt_path} --random-init"
 
 
 # ---- linear probe and fine-tuning ----

@@ -251,6 +251,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    started = time.time()
 
     # ---- setup: processes, device, precision ----
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun with several processes
@@ -351,12 +352,13 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if start_epoch >= args.epochs:
                 print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
                       f"(a larger --epochs continues it)")
-            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
-            if old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
-                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is stretched to "
+            elif old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
+                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is "
+                      f"{'stretched' if args.epochs > old_epochs else 'shortened'} to "
                       f"{args.epochs} epochs; the lr of step {step} goes from "
                       f"{lr_schedule_for(old_epochs)(step):.3g} to {lr_schedule(step):.3g}")
 
@@ -368,6 +370,7 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
                 f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
+            print(json.dumps({"epoch": 0, "knn_top1": knn}))  # the baseline, on screen as in the log
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, epoch, args)
         knn = None
@@ -382,21 +385,22 @@ def main(argv=None):
                 "state": {"step": (epoch + 1) * len(loader), "scaler": scaler.state_dict()},
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
-            print(json.dumps(log))
             with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
-    if is_main:
-        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
-              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
+            print(json.dumps({**log, **eval_linear.last_knn(log_path)}))  # on screen: the last k-NN measured
+    if is_main:  # what the run gained, where it is, what next
+        print(eval_linear.run_summary(log_path, ckpt_path, time.time() - started, start_epoch, args.epochs))
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
-        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
-        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
-                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")
+    with data.one_voice():  # under torchrun: one process prints an error, the others exit quietly
+        try:
+            main()
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+            ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+            raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command "
+                             f"with --resume to continue" if os.path.exists(ckpt_path) else
+                             "\ninterrupted in the first epoch")

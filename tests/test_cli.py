@@ -5,6 +5,7 @@ traceback, for a truncated checkpoint, a finished run resumed, a patch size that
 Ctrl-C; no empty run folder left by a start that failed. Each test names the bug it catches."""
 import argparse
 import importlib
+import json
 import os
 import re
 import signal
@@ -93,14 +94,26 @@ def test_preset_descriptions_count_the_real_parameters():
 @pytest.mark.parametrize("method", METHODS)
 def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, tiny_data, tmp_path, capsys):
     """Catches a log without the untrained network's k-NN (the baseline a newcomer reads the gain against), an
-    epoch-0 line computed after training started, a run that ends without naming its checkpoint and the eval
-    command, and --resume of a finished run that does not say so (or trains again)."""
+    epoch-0 line computed after training started or not shown on screen, a screen line of an epoch without k-NN
+    that shows null instead of the last measurement (or a log that claims a measurement it did not make), a run
+    that ends without its gain line (k-NN before -> after, time, checkpoint, the eval command), and --resume of a
+    finished run that does not say so (or trains again)."""
     module = importlib.import_module(method)
     out = tmp_path / "run"
-    argv = method_argv(method, tiny_data, out)
+    argv = method_argv(method, tiny_data, out, epochs=2, knn_every=2)
     module.main(argv)
     log = read_log(out, epoch0=True)
-    assert [line["epoch"] for line in log] == [0, 1] and set(log[0]) == {"epoch", "knn_top1"}
+    assert [line["epoch"] for line in log] == [0, 1, 2] and set(log[0]) == {"epoch", "knn_top1"}
+    assert log[1]["knn_top1"] is None and log[2]["knn_top1"] is not None  # the log: measured at epochs 0 and 2 only
+    printed = capsys.readouterr().out
+    screen = [json.loads(line) for line in printed.splitlines() if line.startswith('{"epoch"')]
+    assert screen[0] == log[0] and screen[1] == {**log[1], "knn_top1": log[0]["knn_top1"], "knn_epoch": 0}
+    assert screen[2] == {**log[2], "knn_epoch": 2}
+    ckpt, before, after = os.path.join(out, "checkpoint.pt"), log[0]["knn_top1"], log[2]["knn_top1"]
+    gain = re.escape(f"k-NN {before:.1f} -> {after:.1f} ({after - before:+.1f})")
+    what_next = rf"checkpoint {re.escape(ckpt)}; next: python eval_linear.py --ckpt {re.escape(ckpt)} --random-init"
+    last = printed.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{gain} in (\d+ min )?\d+ s; {what_next}", last), last
     # independently: the same ViT, built from the same seed as the script builds it, never trained
     torch.manual_seed(0)
     untrained = vit.ARCHS["vit_mini"](img_size=16, patch_size=8)
@@ -108,13 +121,13 @@ def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, ti
     loaders = [data.build_loader(data.build_dataset("folder", tiny_data, split, tf), 256, 0, train=False)
                for split in ("train", "test")]
     assert log[0]["knn_top1"] == pytest.approx(eval_linear.knn_eval(untrained, *loaders, torch.device("cpu")))
-    printed = capsys.readouterr().out
-    ckpt = os.path.join(out, "checkpoint.pt")
-    assert f"done: {ckpt}" in printed and f"python eval_linear.py --ckpt {ckpt} --random-init" in printed
-    before = os.stat(ckpt).st_mtime_ns
+    before_mtime = os.stat(os.path.join(out, "checkpoint.pt")).st_mtime_ns
     module.main(argv + ["--resume"])
-    assert "has finished its 1 epochs: nothing to train" in capsys.readouterr().out
-    assert os.stat(ckpt).st_mtime_ns == before and len(read_log(out, epoch0=True)) == 2
+    printed = capsys.readouterr().out
+    assert "has finished its 2 epochs: nothing to train" in printed
+    last = printed.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{gain} trained before, nothing to train now; {what_next}", last), last
+    assert os.stat(ckpt).st_mtime_ns == before_mtime and len(read_log(out, epoch0=True)) == 3
 
     # a truncated checkpoint (a full disk, a copy cut short): one line naming it
     with open(ckpt, "rb") as f:
