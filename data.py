@@ -311,6 +311,13 @@ def num_classes(dataset):
     return len(dataset.classes)
 
 
+def labels(dataset):
+    """(N,) int64 labels of a build_dataset dataset or a Subset of one, read without decoding an image."""
+    base, indices = _base(dataset)
+    every = torch.as_tensor(base.targets if hasattr(base, "targets") else base.labels).long()
+    return every if indices is None else every[torch.as_tensor(indices, dtype=torch.long)]
+
+
 # ---- augmentations ----
 
 def _to_normalized(mean, std):

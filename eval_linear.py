@@ -535,6 +535,9 @@ def main(argv=None):
         else:
             raise SystemExit("--random-init needs --arch (or a --ckpt whose architecture it copies)")
         kw = backbone.kwargs
+        if models and describe_arch(kw) != models[0][1]["arch"]:  # allowed, but not the like-for-like baseline
+            print(f"note: --random-init builds {describe_arch(kw)}, not the checkpoint's {models[0][1]['arch']}: "
+                  f"drop --arch for the same architecture untrained")
         models.insert(0, (backbone, {"method": "random init", "epoch": 0, "arch": describe_arch(kw),
                                      "vit_kwargs": kw, "pretrain_dataset": None, "pretrain_data_dir": None,
                                      "mean_std": None, "ckpt": None}))
@@ -571,9 +574,13 @@ def main(argv=None):
                 train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
                 train_set, test_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
                 aug_set = aug_set and Subset(aug_set, train_idx)
+            check_labels(data.labels(train_set), data.labels(test_set), f"evaluating on {eval_data}")
             aug = aug_set and data.build_train_loader(aug_set, [data.finetune_spec(img_size)], *mean_std,
                                                       args.batch_size, args.workers, device, seed=args.seed,
                                                       aug=args.aug, announce=True)
+            if aug is not None and len(aug) == 0:  # no step at all: the zero-initialized head would be "the result"
+                raise SystemExit(f"--finetune: {len(aug_set)} training images make no full batch of --batch-size "
+                                 f"{args.batch_size}")
             loaders[img_size, mean_std] = (data.build_eval_loader(train_set, img_size, *mean_std, args.batch_size,
                                                                   args.workers),
                                            data.build_eval_loader(test_set, img_size, *mean_std, args.batch_size,
