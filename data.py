@@ -62,7 +62,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shipped CIFAR-10 sample, 1000/500
+SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shipped CIFAR-10 sample, 1000/1000
+_SAMPLE_HINT = (f"such as the shipped CIFAR-10 sample {os.path.relpath(SAMPLE_DIR)} (the README's demo: "
+                f"python simclr.py --dataset folder --data-dir {os.path.relpath(SAMPLE_DIR)} --arch vit_mini ...)")
 
 
 class DataError(SystemExit):
@@ -255,12 +257,12 @@ def build_dataset(name, data_dir, split, transform=None, download=False):
                "this run's downloading process left no complete copy there" if not fetch else
                f"downloaded, but incomplete: delete {data_dir} and run again")
         raise DataError(f"{name} not found in {data_dir} ({how}); or use --dataset folder --data-dir "
-                        f"<ImageFolder tree>") from None
+                        f"<ImageFolder tree>, {_SAMPLE_HINT}") from None
     except OSError as e:  # no network, refused connection, full disk, ...
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)
         raise DataError(f"downloading {name} to {data_dir} failed ({e}); without internet use "
-                        f"--dataset folder --data-dir <ImageFolder tree>") from None
+                        f"--dataset folder --data-dir <ImageFolder tree>, {_SAMPLE_HINT}") from None
 
 
 def _image_folder(data_dir, split, transform):

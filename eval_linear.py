@@ -638,6 +638,7 @@ def main(argv=None):
         print(f"{meta['method']} ({meta['arch']}) on {row['eval_data']}: k-NN {knn_top1:.2f}{probe_msg}{ft_msg} "
               f"[{row['seconds']:.0f} s]")
         if args.results:
+            os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
