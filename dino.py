@@ -225,7 +225,8 @@ def get_args_parser():
     p.add_argument("--batch-size", type=data.positive_int, default=512, help="total over all processes (paper: 1024)")
     p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256, cosine to 1e-6 (paper: the "
-                        "same). In a run of a few hundred steps 1.25e-4 learned more here (see below)")
+                        "same). In a run of a few hundred steps 1.25e-4 learned more here (the measurements: a comment "
+                        "in dino.py's get_args_parser)")
     p.add_argument("--weight-decay", type=data.nonneg_float, default=0.04,
                    help="AdamW decoupled decay at the start, raised to --weight-decay-end by a half cosine (paper: "
                         "0.04)")
