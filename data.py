@@ -43,9 +43,12 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,7 +62,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shipped CIFAR-10 sample, 1000/500
+SAMPLE_DIR = Path(__file__).resolve().parent / "tests" / "data_sample"  # shipped CIFAR-10 sample, 1000/1000
+_SAMPLE_HINT = (f"such as the shipped CIFAR-10 sample {os.path.relpath(SAMPLE_DIR)} (the README's demo: "
+                f"python simclr.py --dataset folder --data-dir {os.path.relpath(SAMPLE_DIR)} --arch vit_mini ...)")
 
 
 class DataError(SystemExit):
@@ -67,9 +72,146 @@ class DataError(SystemExit):
     and exits with status 1 instead of showing a traceback: the fix is in the message, not in the code."""
 
 
+# ---- the command line: one parser recipe and one set of value types for every script ----
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help of the training scripts: the module docstring as written (its examples print line for line),
-    then every option with its default."""
+    """--help of every script: the description and the examples as written (continued example lines print line
+    for line), every option with its default once: "(default: ...)" is added unless the help states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or action.required or "%(default)" in text or "default:" in text.lower():
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _rank():
+    """This process's rank under torchrun (its RANK variable), 0 in a plain process."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _torchrun_error_file(line):
+    """Under torchrun: `line` as the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so that the failure
+    report it prints after the processes exit shows it as the root cause, instead of 'To enable traceback see'."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage error (usage, then one line naming the flag and the value) comes from one
+    process under torchrun: the other processes exit with the same status 2, quietly."""
+
+    def error(self, message):
+        if _rank() != 0:
+            sys.exit(2)
+        _torchrun_error_file(f"{self.prog}: error: {message}")
+        super().error(message)
+
+
+class _PrintDoc(argparse.Action):
+    def __init__(self, option_strings, dest, doc, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+        self.doc = doc
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.doc)
+        parser.exit()
+
+
+def script_parser(doc, path):
+    """The parser of the script at `path` whose module docstring is `doc`: usage with the script's name; as
+    description the docstring's first paragraph and its "Paper:" paragraph; after the options, its paragraphs of
+    example commands (lines indented 4 spaces that start with python or torchrun) as written; --help-paper prints
+    the whole docstring (the method, the differences from the paper) and exits, where there is a paper."""
+    paragraphs = doc.strip("\n").split("\n\n")
+    description = paragraphs[:1] + [p for p in paragraphs[1:2] if p.startswith("Paper:")]
+    examples = [p for p in paragraphs if re.search(r"^    (python|torchrun) ", p, re.MULTILINE)]
+    examples = [p if not p.startswith(" ") else "Examples:\n" + p for p in examples]
+    parser = ArgumentParser(prog=os.path.basename(path), description="\n\n".join(description),
+                            epilog="\n\n".join(examples), formatter_class=HelpFormatter)
+    if len(description) == 2:
+        parser.add_argument("--help-paper", action=_PrintDoc, doc=doc,
+                            help="print the module docstring (the method, how to run it, the differences from the "
+                                 "paper) and exit")
+    return parser
+
+
+@contextlib.contextmanager
+def one_voice():
+    """Around a script's main(): under torchrun an error that ends the run (a SystemExit with a message: a
+    DataError, a refused setting, Ctrl-C's note) is printed by rank 0 alone, and given to torchrun's failure
+    report as its root cause; the other processes exit with status 1, quietly. In one process: nothing changes."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            if _rank() != 0:
+                raise SystemExit(1) from None
+            _torchrun_error_file(e.code.strip().splitlines()[-1])
+        raise
+
+
+def _checked(kind, ok, what):
+    """An argparse type: text -> kind(text) where ok(value), else argparse's one line naming the flag and the text
+    as typed: "argument --lr: -0.1 is not a positive number"."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def int_range(low, high):
+    return _checked(int, lambda v: low <= v <= high, f"an integer from {low} to {high}")
+
+
+# nan fails every comparison, so no float type below lets it through; inf is refused as not finite
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonneg_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = _checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+fraction = _checked(float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (0 and 1 excluded)")
+holdout_fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction from 0 to 1 (1 excluded)")  # 0: none held out
+epoch_count = int_range(1, 100_000)    # epochs to train: a typo's 1000000000 would run for ever, not fail
+seed_int = int_range(0, 2 ** 32 - 1)   # the views hash it modulo 2**32 (uniforms): a larger one repeats a smaller one's
+pixel_side = int_range(1, 4096)        # image, crop and patch sides, in pixels: 18x a ViT's usual 224
+width_int = int_range(1, 2 ** 18)      # head widths, outputs, prototypes: 4x DINO's K of 65,536
+worker_count = int_range(0, 256)       # loader processes: a huge count would start that many processes
+crop_count = int_range(0, 64)          # multi-crop's small crops per image: the papers use 6 to 10
+queue_size = int_range(0, 2 ** 20)     # features kept as extra negatives or codes: 16x MoCo's 65,536
+strength = _checked(float, lambda v: 0 <= v <= 2.5,
+                    "a number from 0 to 2.5")  # SimCLR's hue jitter is 0.2 s: at most half a turn
+
+
+def device_name(text):
+    """--device as an argparse type: auto, cpu, mps, cuda or cuda:N, refused in one line where this machine does
+    not have it (torch would say so later, in a traceback)."""
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text} is not a device: auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch can use "
+                                         f"(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no MPS (Apple GPU) that torch can use; "
+                                         f"use --device cpu")
+    return text
 
 
 # Per-channel mean and std of the training pixels, in [0, 1] units.
@@ -116,12 +258,12 @@ def build_dataset(name, data_dir, split, transform=None, download=False):
                "this run's downloading process left no complete copy there" if not fetch else
                f"downloaded, but incomplete: delete {data_dir} and run again")
         raise DataError(f"{name} not found in {data_dir} ({how}); or use --dataset folder --data-dir "
-                        f"<ImageFolder tree>") from None
+                        f"<ImageFolder tree>, {_SAMPLE_HINT}") from None
     except OSError as e:  # no network, refused connection, full disk, ...
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)
         raise DataError(f"downloading {name} to {data_dir} failed ({e}); without internet use "
-                        f"--dataset folder --data-dir <ImageFolder tree>") from None
+                        f"--dataset folder --data-dir <ImageFolder tree>, {_SAMPLE_HINT}") from None
 
 
 def _image_folder(data_dir, split, transform):
@@ -170,6 +312,13 @@ def _unreadable(e):
 
 def num_classes(dataset):
     return len(dataset.classes)
+
+
+def labels(dataset):
+    """(N,) int64 labels of a build_dataset dataset or a Subset of one, read without decoding an image."""
+    base, indices = _base(dataset)
+    every = torch.as_tensor(base.targets if hasattr(base, "targets") else base.labels).long()
+    return every if indices is None else every[torch.as_tensor(indices, dtype=torch.long)]
 
 
 # ---- augmentations ----
@@ -949,10 +1098,14 @@ def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6
     size on grey: the crops keep their true relative sizes. aug: which path's views, as the training scripts'
     --aug (auto: the one they would take for this dataset; batched: device_views, here on the CPU; pil).
     torchvision's datasets are downloaded into data_dir when missing, as the training scripts do."""
+    if Path(out).suffix.lower() not in Image.registered_extensions():
+        raise DataError(f"--out {out}: give the name of an image file to write, like views.png")
     torch.manual_seed(seed)
     mean, std = MEAN_STD[dataset]
     ds = build_dataset(dataset, data_dir, "train", download=True)
     views, orig = method_views(method, img_size, mean, std), eval_transform(img_size, mean, std)
+    if rows > len(ds):
+        raise DataError(f"--rows {rows}: {data_dir} has {len(ds)} training images")
     picks = range(0, len(ds), len(ds) // rows)[:rows]  # evenly spaced: different classes in a sorted tree
     batched = choose_aug(aug, ds, "cpu")[0] == "batched"
     if batched:
@@ -972,21 +1125,32 @@ def show(method, out, dataset="folder", data_dir=SAMPLE_DIR, img_size=32, rows=6
     zoom = max(1, 128 // img_size)  # 32 px images are too small to judge at 1:1
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=zoom, mode="nearest")[0]
     labels = show_labels(method_specs(method, img_size), img_size)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     _with_header(grid, labels, zoom * (pad + img_size / 2), zoom * (img_size + pad)).save(out, optimize=True)
     print(f"wrote {out}: {rows} images x (original + {len(views.transforms)} {method} views"
           f"{', batched path' if batched else ', PIL path'})")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--show", required=True, choices=["simclr", "byol", "moco", "swav", "dino"])
-    p.add_argument("--out", default="views.png")
-    p.add_argument("--dataset", default="folder", choices=list(MEAN_STD))
-    p.add_argument("--data-dir", default=str(SAMPLE_DIR), help="default: the shipped CIFAR-10 sample")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--rows", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+def get_args_parser():
+    p = script_parser(__doc__, __file__)
+    p.add_argument("--show", required=True, choices=["simclr", "byol", "moco", "swav", "dino"],
+                   help="the method whose views to draw")
+    p.add_argument("--out", default="views.png", help="the PNG to write")
+    p.add_argument("--dataset", default="folder", choices=list(MEAN_STD), help="as the training scripts' --dataset")
+    p.add_argument("--data-dir", default=str(SAMPLE_DIR),
+                   help="as the training scripts' --data-dir (default: the shipped CIFAR-10 sample, tests/data_sample)")
+    p.add_argument("--img-size", type=pixel_side, default=32, help="the views' side in pixels")
+    p.add_argument("--rows", type=positive_int, default=6, help="images, one per row, evenly spaced in the train split")
+    p.add_argument("--seed", type=seed_int, default=0, help="the views' random draws")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="whose views: the training scripts' --aug (auto: the path they take for this dataset)")
-    a = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    a = get_args_parser().parse_args(argv)
     show(a.show, a.out, a.dataset, a.data_dir, a.img_size, a.rows, a.seed, a.aug)
+
+
+if __name__ == "__main__":
+    main()

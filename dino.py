@@ -221,8 +221,7 @@ def default_small_crops(small_crop_size, img_size, patch_size):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DINO pretraining of a ViT", description=__doc__,
-                                formatter_class=data.HelpFormatter)
+    p = data.script_parser(__doc__, __file__)
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
@@ -231,20 +230,21 @@ def get_args_parser():
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
-    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
-    p.add_argument("--img-size", type=int, default=32, help="global crop size (paper: 224)")
+    p.add_argument("--patch-size", type=data.pixel_side, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=data.pixel_side, default=32, help="global crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the random patch projection fixed (MoCo v3 §4.2 stability trick)")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 100-800 (ImageNet)")
-    p.add_argument("--batch-size", type=int, default=512, help="total over all processes (paper: 1024)")
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--epochs", type=data.epoch_count, default=100, help="paper: 100-800 (ImageNet)")
+    p.add_argument("--batch-size", type=data.positive_int, default=512, help="total over all processes (paper: 1024)")
+    p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256, cosine to 1e-6 (paper: the "
-                        "same). In a run of a few hundred steps 1.25e-4 learned more here (see below)")
-    p.add_argument("--weight-decay", type=float, default=0.04,
+                        "same). In a run of a few hundred steps 1.25e-4 learned more here (the measurements: a comment "
+                        "in dino.py's get_args_parser)")
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.04,
                    help="AdamW decoupled decay at the start, raised to --weight-decay-end by a half cosine (paper: "
                         "0.04)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--warmup-epochs", type=data.nonneg_int, default=10, help="linear lr warmup (paper: 10)")
+    p.add_argument("--workers", type=data.worker_count, default=4,
                    help="PIL loader processes per GPU (--aug pil, and the k-NN monitor's loaders)")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
@@ -259,14 +259,16 @@ def get_args_parser():
                    help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
-    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--knn-every", type=data.nonneg_int, default=10,
+                   help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--val-fraction", type=data.holdout_fraction, default=0.0, metavar="F",
                    help="the k-NN monitor's queries: F of every class of the train split, held out of its memory "
                         "bank, instead of the test split; for choosing settings without reading test (pretraining "
                         "still sees those images, without labels); 0: the test split")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=data.seed_int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", type=data.device_name, default=None,
+                   help="cuda, cuda:N, mps or cpu (default: the best available: cuda, then mps, then cpu)")
     # DINO's own. What the short-run advice rests on: the 10,000-image CIFAR-10 subset of the README's CPU study,
     # vit_mini/8, 5 epochs of batch 256 (195 steps), K 4096; k-NN top-1 of the student on the CIFAR-10 test split
     # with the subset as memory bank (random init 28.6), one seed:
@@ -284,42 +286,44 @@ def get_args_parser():
     #   momentum 0.99, 10 epochs (390 steps): 30.36 after epoch 5, 31.01 after 10; the loss stays near 8.06 and
     #     teacher_entropy near 7.71 from epoch 4 on, kl 0.34: slow, not stuck
     #   momentum 0.99, --no-norm-last-layer: 29.78 (g moves little in 195 steps); --freeze-last-layer 0: 29.77
-    p.add_argument("--momentum", type=float, default=0.99,
+    p.add_argument("--momentum", type=data.probability, default=0.99,
                    help="the teacher's EMA weight at the start, raised to 1 by a half cosine (paper: 0.996 at 1251 "
                         "steps an epoch; a CIFAR-10 epoch at batch 512 is 98 steps, and a teacher that averages over "
                         "1/(1-m) = 250 steps lags a short run: 0.99, solo-learn's CIFAR value and byol.py's)")
-    p.add_argument("--hidden-dim", type=int, default=2048, help="head MLP width (paper: 2048)")
-    p.add_argument("--bottleneck-dim", type=int, default=256, help="head bottleneck, L2-normalized (paper: 256)")
-    p.add_argument("--out-dim", type=int, default=4096,
+    p.add_argument("--hidden-dim", type=data.width_int, default=2048, help="head MLP width (paper: 2048)")
+    p.add_argument("--bottleneck-dim", type=data.width_int, default=256,
+                   help="head bottleneck, L2-normalized (paper: 256)")
+    p.add_argument("--out-dim", type=data.width_int, default=4096,
                    help="K, the head's outputs (paper: 65536 on ImageNet; CIFAR configs use 4096, solo-learn's)")
     p.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
                    help="fix the length of each of the last layer's K rows at 1 (main_dino.py's default); "
                         "--no-norm-last-layer learns it, the reference's setting for ViT-S")
-    p.add_argument("--teacher-temp", type=float, default=0.04,
+    p.add_argument("--teacher-temp", type=data.positive_float, default=0.04,
                    help="teacher temperature after the warmup: below the student's, it sharpens (main_dino.py's "
                         "default and its 100-epoch ViT-S recipe: 0.04; the paper's longer runs: 0.07 after a warmup "
                         "from 0.04 over 30 epochs; 'above 0.07 is unstable'; lower it if the loss stays at ln K)")
-    p.add_argument("--warmup-teacher-temp", type=float, default=0.04,
+    p.add_argument("--warmup-teacher-temp", type=data.positive_float, default=0.04,
                    help="teacher temperature at the start (paper: 0.04)")
-    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30,
+    p.add_argument("--warmup-teacher-temp-epochs", type=data.nonneg_int, default=30,
                    help="epochs of the linear teacher-temperature warmup, when --teacher-temp differs from "
                         "--warmup-teacher-temp (paper: 30)")
-    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature (paper: 0.1)")
-    p.add_argument("--center-momentum", type=float, default=0.9, help="the centre's EMA weight (paper: 0.9)")
-    p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (paper: 0.4)")
-    p.add_argument("--freeze-last-layer", type=int, default=1,
+    p.add_argument("--student-temp", type=data.positive_float, default=0.1, help="student temperature (paper: 0.1)")
+    p.add_argument("--center-momentum", type=data.probability, default=0.9, help="the centre's EMA weight (paper: 0.9)")
+    p.add_argument("--weight-decay-end", type=data.nonneg_float, default=0.4,
+                   help="weight decay at the end (paper: 0.4)")
+    p.add_argument("--freeze-last-layer", type=data.nonneg_int, default=1,
                    help="epochs at the start in which the head's last layer is not updated (paper: 1)")
-    p.add_argument("--num-small-crops", type=int, default=None,
+    p.add_argument("--num-small-crops", type=data.crop_count, default=None,
                    help="small crops per image besides the 2 global ones (paper: 8); 0: no multi-crop (then the "
                         "global crops cover 0.14-1 of the image). Default: 8 where a small crop (--small-crop-size) is "
                         "at least 4x4 patches and at most half the global side (ViT-Tiny/4 at 32 px: 16 px crops), "
                         "else 0 (vit_mini/8 at 32 px: 4x4 patches are the whole image; with its 2x2-patch crops 0 "
                         "learned more here, k-NN 28.1 vs 26.9 after 2 epochs, at less than half the cost)")
-    p.add_argument("--small-crop-size", type=int, default=None,
+    p.add_argument("--small-crop-size", type=data.pixel_side, default=None,
                    help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
                         "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
                         "at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 with patch 8")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (paper: 3.0); 0: off")
+    p.add_argument("--clip-grad", type=data.nonneg_float, default=3.0, help="max gradient norm (paper: 3.0); 0: off")
     return p
 
 
@@ -421,6 +425,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    started = time.time()
 
     # ---- setup: processes, device, precision ----
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun with several processes
@@ -438,8 +443,6 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
-    if not 0 <= args.val_fraction < 1:
-        raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.small_crop_size is None:
@@ -546,12 +549,13 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if start_epoch >= args.epochs:
                 print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
                       f"(a larger --epochs continues it)")
-            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
-            if old_epochs != args.epochs:  # the cosines now end at the new length: lr and tau jump, not bit-exact
-                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedules are stretched to "
+            elif old_epochs != args.epochs:  # the cosines now end at the new length: lr and tau jump, not bit-exact
+                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedules are "
+                      f"{'stretched' if args.epochs > old_epochs else 'shortened'} to "
                       f"{args.epochs} epochs; the lr of step {step} goes from "
                       f"{schedules_for(old_epochs)[0](step):.3g} to {lr_schedule(step):.3g}")
 
@@ -564,6 +568,7 @@ def main(argv=None):
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
                 queries = f"val ({args.val_fraction:g} of train)" if args.val_fraction else "test"
                 f.write(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}) + "\n")
+            print(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}))  # the baseline, on screen too
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, wd_schedule,
                                 momentum_schedule, teacher_temp_schedule, epoch, args, center)
@@ -583,21 +588,22 @@ def main(argv=None):
                 "state": {"step": (epoch + 1) * len(loader), "scaler": scaler.state_dict(), "center": center.cpu()},
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
-            print(json.dumps(log))
             with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
-    if is_main:
-        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
-              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
+            print(json.dumps({**log, **eval_linear.last_knn(log_path)}))  # on screen: the last k-NN measured
+    if is_main:  # what the run gained, where it is, what next
+        print(eval_linear.run_summary(log_path, ckpt_path, time.time() - started, start_epoch, args.epochs))
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
-        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
-        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
-                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")
+    with data.one_voice():  # under torchrun: one process prints an error, the others exit quietly
+        try:
+            main()
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+            ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+            raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command "
+                             f"with --resume to continue" if os.path.exists(ckpt_path) else
+                             "\ninterrupted in the first epoch")

@@ -132,6 +132,7 @@ def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07
     """
     train_feats, train_labels = gather_features(*extract_features(backbone, train_loader, device))
     test_feats, test_labels = gather_features(*extract_features(backbone, test_loader, device))
+    check_labels(train_labels, test_labels, "the k-NN monitor (--knn-every 0 turns it off)")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)[0]
 
@@ -151,6 +152,58 @@ def knn_monitor_loaders(dataset, data_dir, img_size, mean, std, workers, val_fra
     else:
         bank_set, query_set = train_set, data.build_dataset(dataset, data_dir, "test")
     return tuple(data.build_eval_loader(s, img_size, mean, std, 256, workers) for s in (bank_set, query_set))
+
+
+def check_labels(train_labels, test_labels, what):
+    """A one-line SystemExit, naming `what` is being evaluated, where the labels make any accuracy meaningless
+    instead of a number that looks like a result: no test images, fewer than 2 classes in the train split (every
+    prediction is right: 100%), or a test class that the train split lacks (its images can never be right)."""
+    train_classes, test_classes = set(train_labels.unique().tolist()), set(test_labels.unique().tolist())
+    if len(test_labels) == 0:
+        raise SystemExit(f"{what}: no test images to score")
+    if len(train_classes) < 2:
+        raise SystemExit(f"{what}: the train split has {len(train_classes)} class, so every prediction is that class "
+                         f"and any accuracy is 100%: use data with 2 or more classes")
+    if test_classes - train_classes:
+        raise SystemExit(f"{what}: the test split has label(s) {sorted(test_classes - train_classes)} that the train "
+                         f"split lacks: no classifier trained on it can get their images right")
+
+
+def _knn_lines(log_path):
+    """The lines of a run's log.jsonl that hold a k-NN measurement."""
+    with open(log_path) as f:
+        return [line for line in map(json.loads, f) if line.get("knn_top1") is not None]
+
+
+def last_knn(log_path):
+    """{"knn_top1": the last k-NN measured in a run's log.jsonl, "knn_epoch": its epoch}: what a training script
+    shows on each epoch's line on screen, where the log itself has null (not measured that epoch)."""
+    measured = _knn_lines(log_path)
+    return {"knn_top1": measured[-1]["knn_top1"], "knn_epoch": measured[-1]["epoch"]} if measured else {}
+
+
+def duration(seconds):
+    """'42 s', '3 min 40 s', '2 h 5 min'."""
+    s = round(seconds)
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def run_summary(log_path, ckpt_path, seconds, resumed_at=0, epochs=None):
+    """A training script's last line: what the run gained by the k-NN of its log (epoch 0, the untrained network,
+    to the last measurement), how long it took (`seconds`: this process, since a resume at epoch `resumed_at`; with
+    resumed_at >= epochs nothing was trained), where the checkpoint is and what to run next."""
+    measured = _knn_lines(log_path)
+    if not measured:
+        gain = "k-NN not measured (--knn-every 0)"
+    else:
+        first, last = measured[0], measured[-1]
+        gain = f"k-NN {first['knn_top1']:.1f} -> {last['knn_top1']:.1f} ({last['knn_top1'] - first['knn_top1']:+.1f})"
+        if first["epoch"] != 0 or first is last:  # a log without its untrained line, or only one measurement
+            gain += f" (epochs {first['epoch']} to {last['epoch']})"
+    when = (f"in {duration(seconds)}" if not resumed_at else "trained before, nothing to train now"
+            if epochs is not None and resumed_at >= epochs else f"in {duration(seconds)} since the resume at epoch "
+            f"{resumed_at}")
+    return f"{gain} {when}; checkpoint {ckpt_path}; next: python eval_linear.py --ckpt {ckpt_path} --random-init"
 
 
 # ---- linear probe and fine-tuning ----
@@ -399,20 +452,19 @@ def load_backbone(path, num_heads=None, checkpoint_key=None):
 # ---- command line ----
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="k-NN, linear-probe and fine-tuning evaluation of pretrained ViTs "
-                                "(see the module docstring for the protocols).")
+    p = data.script_parser(__doc__, __file__)
     g = p.add_argument_group("models")
     g.add_argument("--ckpt", nargs="+", default=[], metavar="PATH",
                    help="checkpoints to evaluate: this repo's <out>/checkpoint.pt of any method, or a timm/DeiT "
-                        "ViT state dict; several give one table")
+                        "ViT state dict; several give one table (default: no checkpoint)")
     g.add_argument("--random-init", action="store_true",
                    help="also evaluate an untrained network (the baseline): --arch/--patch-size/--img-size, or "
                         "the architecture of the first --ckpt")
     g.add_argument("--arch", choices=sorted(vit.ARCHS), default=None,
                    help="preset for --random-init (default: the first --ckpt's architecture)")
-    g.add_argument("--patch-size", type=int, default=4,
+    g.add_argument("--patch-size", type=data.pixel_side, default=4,
                    help="patch size for --random-init --arch (default: %(default)s)")
-    g.add_argument("--img-size", type=int, default=None,
+    g.add_argument("--img-size", type=data.pixel_side, default=None,
                    help="side the images are resized to (default: the backbone's img_size; another multiple of "
                         "the patch size resamples the position embedding); with --arch also the model's size "
                         "(default 32)")
@@ -421,8 +473,8 @@ def get_args_parser():
                         "online network, the query encoder) or teacher (its moving average: the target, the momentum "
                         "encoder); default: the checkpoint's backbone, DINO's teacher (as its paper and eval_knn.py) "
                         "and the others' student (as theirs)")
-    g.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads of a timm/DeiT state dict (not in its shapes; default width // 64)")
+    g.add_argument("--num-heads", type=data.positive_int, default=None,
+                   help="attention heads of a timm/DeiT state dict (not in its shapes; default: width // 64)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "stl10", "folder"], default=None,
                    help="evaluation data (default: the first checkpoint's pretraining dataset; another one "
@@ -432,46 +484,47 @@ def get_args_parser():
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
-    g.add_argument("--batch-size", type=int, default=256,
+    g.add_argument("--batch-size", type=data.positive_int, default=256,
                    help="images per batch, features and fine-tuning (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--workers", type=data.worker_count, default=min(8, os.cpu_count() or 1),
                    help="data loading processes (default: %(default)s)")
     g = p.add_argument_group("protocols")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the weighted k-NN (InstDisc, DINO: 20)")
-    g.add_argument("--knn-temperature", type=float, default=0.07,
+    g.add_argument("--knn-k", type=data.positive_int, default=20,
+                   help="neighbours of the weighted k-NN (InstDisc, DINO: 20)")
+    g.add_argument("--knn-temperature", type=data.positive_float, default=0.07,
                    help="T in the neighbour weight exp(cos / T) (InstDisc, DINO: 0.07)")
     g.add_argument("--no-probe", action="store_true", help="skip the linear probe (k-NN only, or + --finetune)")
-    g.add_argument("--probe-epochs", type=int, default=100,
+    g.add_argument("--probe-epochs", type=data.epoch_count, default=100,
                    help="linear-probe epochs on cached features (default: %(default)s)")
     g.add_argument("--probe-optimizer", choices=sorted(PROBE_LR), default="sgd",
                    help="linear-probe optimizer; sgd has momentum 0.9 as DINO (default: %(default)s)")
-    g.add_argument("--probe-lr", type=float, default=None,
+    g.add_argument("--probe-lr", type=data.positive_float, default=None,
                    help=f"linear-probe peak learning rate, cosine to 0 (default: {PROBE_LR}, chosen on a 10%% "
                         "validation split of CIFAR-10 train, never on test: benchmarks/probe_lr.py)")
-    g.add_argument("--probe-weight-decay", type=float, default=0.0,
+    g.add_argument("--probe-weight-decay", type=data.nonneg_float, default=0.0,
                    help="linear-probe weight decay (default: %(default)s, as DINO)")
     g.add_argument("--finetune", action="store_true", help="also fine-tune the whole network (slow)")
-    g.add_argument("--finetune-epochs", type=int, default=100,
+    g.add_argument("--finetune-epochs", type=data.epoch_count, default=100,
                    help="fine-tuning epochs (default: %(default)s, as MAE)")
-    g.add_argument("--finetune-lr", type=float, default=5e-4,
+    g.add_argument("--finetune-lr", type=data.positive_float, default=5e-4,
                    help="fine-tuning peak AdamW learning rate per 256 images (MAE's base lr 5e-4): the run uses "
                         "finetune-lr * batch-size / 256")
     g.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how fine-tuning's views are made, as in the training scripts: batched on the device from "
                         "the train split decoded once, or pil in --workers processes; auto: batched where it fits "
                         "(default: %(default)s)")
-    g.add_argument("--val-fraction", type=float, default=None, metavar="F",
+    g.add_argument("--val-fraction", type=data.fraction, default=None, metavar="F",
                    help="hold out a fraction F of every class of the train split (--seed) and report accuracy on "
                         "it instead of the test split: choose probe or fine-tuning settings with this, then "
-                        "report the test number once")
+                        "report the test number once (default: off, the test split)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto",
+    g.add_argument("--device", type=data.device_name, default="auto",
                    help="auto (cuda, then mps, then cpu) or a torch device like cuda:1 (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=data.seed_int, default=0,
                    help="seeds --random-init, the probe, fine-tuning and --val-fraction (default: %(default)s)")
     g.add_argument("--results", default=None, metavar="FILE.jsonl",
                    help="append one JSON line per evaluated model (all numbers, settings, the command) to "
-                        "this file, e.g. runs/results.jsonl to collect every evaluation; off if not given")
+                        "this file, e.g. runs/results.jsonl to collect every evaluation (default: off)")
     return p
 
 
@@ -532,6 +585,9 @@ def main(argv=None):
         else:
             raise SystemExit("--random-init needs --arch (or a --ckpt whose architecture it copies)")
         kw = backbone.kwargs
+        if models and describe_arch(kw) != models[0][1]["arch"]:  # allowed, but not the like-for-like baseline
+            print(f"note: --random-init builds {describe_arch(kw)}, not the checkpoint's {models[0][1]['arch']}: "
+                  f"drop --arch for the same architecture untrained")
         models.insert(0, (backbone, {"method": "random init", "epoch": 0, "network": None, "arch": describe_arch(kw),
                                      "vit_kwargs": kw, "pretrain_dataset": None, "pretrain_data_dir": None,
                                      "mean_std": None, "ckpt": None}))
@@ -551,8 +607,6 @@ def main(argv=None):
         raise SystemExit("which data? give --dataset (and --data-dir); no checkpoint names its pretraining data")
     if data_dir is None and dataset == "folder":
         raise SystemExit("--dataset folder needs --data-dir <dir with train/<class>/*.jpg and test/<class>/*.jpg>")
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        raise SystemExit(f"--val-fraction {args.val_fraction}: give a fraction between 0 and 1, like 0.1")
     data_dir = data_dir or "data"  # torchvision's datasets: where --download puts them
     eval_data = f"folder:{os.path.basename(os.path.normpath(data_dir))}" if dataset == "folder" else dataset
     eval_data += f" (val {args.val_fraction:g} of train)" if args.val_fraction else ""
@@ -569,9 +623,13 @@ def main(argv=None):
                 train_idx, val_idx = stratified_split(labels_of(train_set), args.val_fraction, args.seed)
                 train_set, test_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
                 aug_set = aug_set and Subset(aug_set, train_idx)
+            check_labels(data.labels(train_set), data.labels(test_set), f"evaluating on {eval_data}")
             aug = aug_set and data.build_train_loader(aug_set, [data.finetune_spec(img_size)], *mean_std,
                                                       args.batch_size, args.workers, device, seed=args.seed,
                                                       aug=args.aug, announce=True)
+            if aug is not None and len(aug) == 0:  # no step at all: the zero-initialized head would be "the result"
+                raise SystemExit(f"--finetune: {len(aug_set)} training images make no full batch of --batch-size "
+                                 f"{args.batch_size}")
             loaders[img_size, mean_std] = (data.build_eval_loader(train_set, img_size, *mean_std, args.batch_size,
                                                                   args.workers),
                                            data.build_eval_loader(test_set, img_size, *mean_std, args.batch_size,
@@ -631,6 +689,7 @@ def main(argv=None):
         print(f"{label}, {meta['arch']}, on {row['eval_data']}: k-NN {knn_top1:.2f}{probe_msg}{ft_msg} "
               f"[{row['seconds']:.0f} s]")
         if args.results:
+            os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
 

@@ -177,8 +177,7 @@ def save_checkpoint(path, ckpt):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MoCo v3 pretraining of a ViT", description=__doc__,
-                                formatter_class=data.HelpFormatter)
+    p = data.script_parser(__doc__, __file__)
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
@@ -187,19 +186,19 @@ def get_args_parser():
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
-    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
-    p.add_argument("--img-size", type=int, default=32, help="training crop size (paper: 224)")
+    p.add_argument("--patch-size", type=data.pixel_side, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=data.pixel_side, default=32, help="training crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the random patch projection fixed, the paper's fix for ViT training instability "
                         "(§4.2; on by default, --no-freeze-patch-embed shows what it fixes)")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 300 (ViT, ImageNet)")
-    p.add_argument("--batch-size", type=int, default=512, help="total over all processes (paper: 4096)")
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--epochs", type=data.epoch_count, default=100, help="paper: 300 (ViT, ImageNet)")
+    p.add_argument("--batch-size", type=data.positive_int, default=512, help="total over all processes (paper: 4096)")
+    p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: 1.5e-4 at batch "
                         "4096, 300 epochs; short small-batch runs train faster with more)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled decay (paper: 0.1)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 40 of 300)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.1, help="AdamW decoupled decay (paper: 0.1)")
+    p.add_argument("--warmup-epochs", type=data.nonneg_int, default=10, help="linear lr warmup (paper: 40 of 300)")
+    p.add_argument("--workers", type=data.worker_count, default=4,
                    help="PIL loader processes per GPU (--aug pil, and the k-NN monitor's loaders)")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
@@ -214,26 +213,30 @@ def get_args_parser():
                    help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
-    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--knn-every", type=data.nonneg_int, default=10,
+                   help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--val-fraction", type=data.holdout_fraction, default=0.0, metavar="F",
                    help="the k-NN monitor's queries: F of every class of the train split, held out of its memory "
                         "bank, instead of the test split; for choosing settings without reading test (pretraining "
                         "still sees those images, without labels); 0: the test split")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=data.seed_int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", type=data.device_name, default=None,
+                   help="cuda, cuda:N, mps or cpu (default: the best available: cuda, then mps, then cpu)")
     # MoCo's own
-    p.add_argument("--temperature", type=float, default=0.2, help="tau of the contrastive loss (paper, ViT: 0.2)")
-    p.add_argument("--momentum", type=float, default=0.99,
+    p.add_argument("--temperature", type=data.positive_float, default=0.2,
+                   help="tau of the contrastive loss (paper, ViT: 0.2)")
+    p.add_argument("--momentum", type=data.probability, default=0.99,
                    help="momentum m of the key encoder at the start, raised to 1 by a half cosine (paper, ViT: "
                         "0.99)")
-    p.add_argument("--hidden-dim", type=int, default=4096, help="projector and predictor width (paper: 4096)")
-    p.add_argument("--out-dim", type=int, default=256, help="projection output (paper: 256)")
-    p.add_argument("--queue", type=int, default=0, metavar="K",
+    p.add_argument("--hidden-dim", type=data.width_int, default=4096,
+                   help="projector and predictor width (paper: 4096)")
+    p.add_argument("--out-dim", type=data.width_int, default=256, help="projection output (paper: 256)")
+    p.add_argument("--queue", type=data.queue_size, default=0, metavar="K",
                    help="keep the K latest keys as extra negatives (MoCo v2's queue; v3: 0 = off). K must be a "
                         "multiple of --batch-size and at most the training set; MoCo v2: 65536 on ImageNet, "
                         "4096 on CIFAR-10")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
+    p.add_argument("--clip-grad", type=data.nonneg_float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
     return p
 
 
@@ -321,6 +324,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    started = time.time()
 
     # ---- setup: processes, device, precision ----
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun with several processes
@@ -338,8 +342,6 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
-    if not 0 <= args.val_fraction < 1:
-        raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.img_size % args.patch_size:
@@ -432,12 +434,13 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if start_epoch >= args.epochs:
                 print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
                       f"(a larger --epochs continues it)")
-            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
-            if old_epochs != args.epochs:  # the cosines now end at the new length: lr and m jump, not bit-exact
-                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedules are stretched to "
+            elif old_epochs != args.epochs:  # the cosines now end at the new length: lr and m jump, not bit-exact
+                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedules are "
+                      f"{'stretched' if args.epochs > old_epochs else 'shortened'} to "
                       f"{args.epochs} epochs; the lr of step {step} goes from "
                       f"{schedules_for(old_epochs)[0](step):.3g} to {lr_schedule(step):.3g}")
 
@@ -450,6 +453,7 @@ def main(argv=None):
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
                 queries = f"val ({args.val_fraction:g} of train)" if args.val_fraction else "test"
                 f.write(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}) + "\n")
+            print(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}))  # the baseline, on screen too
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, momentum_schedule,
                                 queue, epoch, args)
@@ -465,21 +469,22 @@ def main(argv=None):
                 "state": {"step": (epoch + 1) * len(loader), "scaler": scaler.state_dict(), "queue": queue},
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
-            print(json.dumps(log))
             with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
-    if is_main:
-        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
-              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
+            print(json.dumps({**log, **eval_linear.last_knn(log_path)}))  # on screen: the last k-NN measured
+    if is_main:  # what the run gained, where it is, what next
+        print(eval_linear.run_summary(log_path, ckpt_path, time.time() - started, start_epoch, args.epochs))
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
-        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
-        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
-                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")
+    with data.one_voice():  # under torchrun: one process prints an error, the others exit quietly
+        try:
+            main()
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+            ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+            raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command "
+                             f"with --resume to continue" if os.path.exists(ckpt_path) else
+                             "\ninterrupted in the first epoch")

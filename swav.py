@@ -185,8 +185,7 @@ def default_small_crops(small_crop_size, img_size, patch_size):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("SwAV pretraining of a ViT", description=__doc__,
-                                formatter_class=data.HelpFormatter)
+    p = data.script_parser(__doc__, __file__)
     # shared flags (same names in every method file)
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="a torchvision dataset (fetched into --data-dir), or folder: an ImageFolder tree")
@@ -195,20 +194,22 @@ def get_args_parser():
                    help="fetch cifar10/cifar100/stl10 into --data-dir when missing (needs internet); "
                         "--no-download: stop with an error instead")
     p.add_argument("--arch", default="vit_tiny", choices=sorted(vit.ARCHS), help=vit.describe_presets())
-    p.add_argument("--patch-size", type=int, default=4, help="4 on 32 px CIFAR: 64 tokens")
-    p.add_argument("--img-size", type=int, default=32, help="global crop size (paper: 224)")
+    p.add_argument("--patch-size", type=data.pixel_side, default=4, help="4 on 32 px CIFAR: 64 tokens")
+    p.add_argument("--img-size", type=data.pixel_side, default=32, help="global crop size (paper: 224)")
     p.add_argument("--freeze-patch-embed", action="store_true",
                    help="keep the random patch projection fixed (MoCo v3 §4.2 stability trick)")
-    p.add_argument("--epochs", type=int, default=100, help="paper: 100-800 at batch 4096; 200 at batch 256")
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument("--epochs", type=data.epoch_count, default=100,
+                   help="paper: 100-800 at batch 4096; 200 at batch 256")
+    p.add_argument("--batch-size", type=data.positive_int, default=256,
                    help="total over all processes (paper: 4096; the reference code's small-batch recipe: 256)")
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256 (paper: LARS 4.8 at 4096, "
                         "0.6 at 256)")
-    p.add_argument("--weight-decay", type=float, default=0.05,
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.05,
                    help="AdamW decoupled decay (DeiT/DINO's 0.05; paper: 1e-6 with LARS)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup (paper: 10 at batch 4096)")
-    p.add_argument("--workers", type=int, default=4,
+    p.add_argument("--warmup-epochs", type=data.nonneg_int, default=10,
+                   help="linear lr warmup (paper: 10 at batch 4096)")
+    p.add_argument("--workers", type=data.worker_count, default=4,
                    help="PIL loader processes per GPU (--aug pil, and the k-NN monitor's loaders)")
     p.add_argument("--aug", default="auto", choices=["auto", "batched", "pil"],
                    help="how the views are made, from the same recipe: batched (on the training device, a batch at a "
@@ -223,39 +224,44 @@ def get_args_parser():
                    help="autocast dtype on CUDA; auto: bf16 where the GPU has it, else fp16 with a gradient scaler "
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
-    p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
-    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--knn-every", type=data.nonneg_int, default=10,
+                   help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--val-fraction", type=data.holdout_fraction, default=0.0, metavar="F",
                    help="the k-NN monitor's queries: F of every class of the train split, held out of its memory "
                         "bank, instead of the test split; for choosing settings without reading test (pretraining "
                         "still sees those images, without labels); 0: the test split")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=data.seed_int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", type=data.device_name, default=None,
+                   help="cuda, cuda:N, mps or cpu (default: the best available: cuda, then mps, then cpu)")
     # SwAV's own. What the small-batch defaults rest on: 10,000-image CIFAR-10 subset, vit_mini/8, batch 256,
     # 2 epochs without small crops, K 1000, prototypes frozen; k-NN top-1 on its test split (random init 28.9):
     #   colour 1.0, epsilon 0.05 or 0.02, queue from step 15: 6 of 1000 prototypes used, loss above ln K (stopped)
     #   colour 0.5, epsilon 0.05: k-NN 29.5, 111 prototypes used; colour 0.5, epsilon 0.02: k-NN 32.0, 162 used
     #   the same with the queue from epoch 2: loss 6.17 instead of 6.30 but 99 prototypes used, k-NN 31.3
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the prediction (paper: 0.1)")
-    p.add_argument("--epsilon", type=float, default=0.02,
+    p.add_argument("--temperature", type=data.positive_float, default=0.1,
+                   help="softmax temperature of the prediction (paper: 0.1)")
+    p.add_argument("--epsilon", type=data.positive_float, default=0.02,
                    help="Sinkhorn entropy weight, smaller: sharper codes (paper: 0.05; the reference README's first "
                         "advice when the loss sticks at ln K is to lower it; 0.02 learned best at batch 256 here)")
-    p.add_argument("--sinkhorn-iterations", type=int, default=3, help="Sinkhorn-Knopp iterations (paper: 3)")
-    p.add_argument("--hidden-dim", type=int, default=2048, help="projection head width (paper: 2048)")
-    p.add_argument("--out-dim", type=int, default=128, help="projection output, the prototypes' width (paper: 128)")
-    p.add_argument("--color-strength", type=float, default=0.5,
+    p.add_argument("--sinkhorn-iterations", type=data.int_range(1, 1000), default=3,
+                   help="Sinkhorn-Knopp iterations (paper: 3)")
+    p.add_argument("--hidden-dim", type=data.width_int, default=2048, help="projection head width (paper: 2048)")
+    p.add_argument("--out-dim", type=data.width_int, default=128,
+                   help="projection output, the prototypes' width (paper: 128)")
+    p.add_argument("--color-strength", type=data.strength, default=0.5,
                    help="colour distortion strength s of every crop (paper: 1.0; 0.5 is SimCLR's CIFAR-10 value: at "
                         "batch 256, 1.0 collapsed here)")
-    p.add_argument("--num-prototypes", type=int, default=1000,
+    p.add_argument("--num-prototypes", type=data.width_int, default=1000,
                    help="K, the number of clusters (paper: 3000 on ImageNet; on CIFAR-10 lightly's benchmark uses "
                         "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
-    p.add_argument("--num-small-crops", type=int, default=None,
+    p.add_argument("--num-small-crops", type=data.crop_count, default=None,
                    help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop. Default: 6 "
                         "where a small crop (--small-crop-size) is at least 4x4 patches and at most half the global side "
                         "(ViT-Tiny/4 at 32 px: 16 px crops), else 0 (vit_mini/8 at 32 px: 4x4 patches are the whole "
                         "image; its 2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol, 30.6 vs 34.1, "
                         "untrained 28.6, at twice the cost)")
-    p.add_argument("--small-crop-size", type=int, default=None,
+    p.add_argument("--small-crop-size", type=data.pixel_side, default=None,
                    help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
                         "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
                         "at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 with patch 8")
@@ -263,12 +269,12 @@ def get_args_parser():
                    help="the prototypes get no update in this many first epochs, whatever the dataset and batch "
                         "(reference code: its first epoch, --freeze_prototypes_niters 313 ImageNet steps at batch "
                         "4096, 5005 at 256); 0: they train from the first step")
-    p.add_argument("--queue", type=int, default=3840,
+    p.add_argument("--queue", type=data.queue_size, default=3840,
                    metavar="Q", help="Q past features per global crop that join the batch for the codes only; 0: "
                         "off; trimmed to a multiple of --batch-size (reference README: 3840 = 15 x 256 at batch 256)")
-    p.add_argument("--queue-start-epoch", type=int, default=15,
+    p.add_argument("--queue-start-epoch", type=data.nonneg_int, default=15,
                    help="the queue fills from this epoch on (reference code: 15 of 200; no gain in short runs here)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
+    p.add_argument("--clip-grad", type=data.nonneg_float, default=3.0, help="max gradient norm (DINO's 3.0); 0: off")
     return p
 
 
@@ -374,6 +380,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    started = time.time()
 
     # ---- setup: processes, device, precision ----
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun with several processes
@@ -391,8 +398,6 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
-    if not 0 <= args.val_fraction < 1:
-        raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.small_crop_size is None:
@@ -496,12 +501,13 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if is_main:
             print(f"resumed {ckpt_path} after epoch {start_epoch}")
+            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
             if start_epoch >= args.epochs:
                 print(f"{ckpt_path} has finished its {start_epoch} epochs: nothing to train "
                       f"(a larger --epochs continues it)")
-            old_epochs, step = ckpt["args"]["epochs"], start_epoch * len(loader)
-            if old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
-                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is stretched to "
+            elif old_epochs != args.epochs:  # the cosine now ends at the new length: the lr jumps, not bit-exact
+                print(f"note: --epochs {args.epochs} instead of {old_epochs}: the schedule is "
+                      f"{'stretched' if args.epochs > old_epochs else 'shortened'} to "
                       f"{args.epochs} epochs; the lr of step {step} goes from "
                       f"{lr_schedule_for(old_epochs)(step):.3g} to {lr_schedule(step):.3g}")
 
@@ -514,6 +520,7 @@ def main(argv=None):
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
                 queries = f"val ({args.val_fraction:g} of train)" if args.val_fraction else "test"
                 f.write(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}) + "\n")
+            print(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}))  # the baseline, on screen too
     for epoch in range(start_epoch, args.epochs):
         if queue_len and epoch >= args.queue_start_epoch and queue is None:  # zeros: empty until it is full
             queue = torch.zeros(2, queue_len // world, args.out_dim, device=device)
@@ -536,21 +543,22 @@ def main(argv=None):
                           "queue": None if saved_queue is None else saved_queue.cpu()},
             })
             log = {"epoch": epoch + 1, **stats, "knn_top1": knn}
-            print(json.dumps(log))
             with open(log_path, "a") as f:  # after the checkpoint: no line twice
                 f.write(json.dumps(log) + "\n")
-    if is_main:
-        print(f"done: {ckpt_path}; evaluate it against the same ViT untrained with\n"
-              f"  python eval_linear.py --ckpt {ckpt_path} --random-init")
+            print(json.dumps({**log, **eval_linear.last_knn(log_path)}))  # on screen: the last k-NN measured
+    if is_main:  # what the run gained, where it is, what next
+        print(eval_linear.run_summary(log_path, ckpt_path, time.time() - started, start_epoch, args.epochs))
     if distributed:
         dist.destroy_process_group()
     return model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
-        ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
-        raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command with "
-                         f"--resume to continue" if os.path.exists(ckpt_path) else "\ninterrupted in the first epoch")
+    with data.one_voice():  # under torchrun: one process prints an error, the others exit quietly
+        try:
+            main()
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
+            ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+            raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command "
+                             f"with --resume to continue" if os.path.exists(ckpt_path) else
+                             "\ninterrupted in the first epoch")

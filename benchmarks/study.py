@@ -1,6 +1,6 @@
 """The study: which self-supervised pretraining gives a ViT the best features, how well they generalize and
-transfer, against which baselines, at what cost, and which of its differences are larger than the noise of seeds
-(issues 10 and 21). One command runs it:
+transfer, against which baselines, at what cost, and which of its differences are larger than the noise of seeds.
+One command runs it:
 
     python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10, 3 seeds, about 4 hours on 2 CPU
                                                        # cores; --docs: the figures also go to docs/ for the README

@@ -5,6 +5,7 @@ traceback, for a truncated checkpoint, a finished run resumed, a patch size that
 Ctrl-C; no empty run folder left by a start that failed. Each test names the bug it catches."""
 import argparse
 import importlib
+import json
 import os
 import re
 import signal
@@ -32,22 +33,44 @@ def method_argv(method, tiny_data, out, epochs=1, knn_every=1):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_help_shows_every_default_the_presets_and_the_examples_as_written(method):
+def test_help_shows_every_default_the_presets_and_the_examples_as_written(method, capsys):
     """Catches an option whose default --help does not show (argparse's plain formatter), a docstring whose
     `\\`-continued example lines print joined into one (a docstring that is not raw), and --arch without the
     presets' sizes."""
     module = importlib.import_module(method)
     parser = module.get_args_parser()
     text = " ".join(parser.format_help().split())  # argparse wraps help lines: compare with whitespace collapsed
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help" and action.default is not argparse.SUPPRESS:
-            assert f"(default: {action.default})" in text, (action.option_strings, action.default)
     continued = [line for line in module.__doc__.splitlines() if line.endswith("\\")]
     assert continued, f"{method}.py's docstring has no multi-line example any more: this test checks nothing"
     for line in continued:
         assert line + "\n" in parser.format_help(), line
     assert vit.describe_presets() in parser.format_help().replace("\n", " ") or all(
         f"{name} (width" in text for name in vit.PRESETS)
+
+
+@pytest.mark.parametrize("script", [*METHODS, "eval_linear", "data"])
+def test_help_a_newcomer_can_read(script, capsys):
+    """Catches the usage line naming a description instead of the script ("usage: BYOL pretraining of a ViT"), an
+    option with no default or two ("(default: the best available) (default: None)"), and the whole docstring
+    (137-206 lines, the differences from the paper first) in front of the options: --help is one paragraph and the
+    paper, the options, the examples; --help-paper prints the docstring."""
+    module = importlib.import_module(script)
+    parser = module.get_args_parser()
+    shown = parser.format_help()
+    assert shown.startswith(f"usage: {script}.py [-h]"), shown[:100]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.default is not argparse.SUPPRESS and not action.required:
+            said = formatter._expand_help(action).lower()
+            assert said.count("default:") == 1 and "(default: none)" not in said, (action.option_strings, said)
+    first = module.__doc__.strip().split("\n\n")[0]
+    assert shown.index(first) < shown.index("options:") < shown.rindex("    python ")  # description, options, examples
+    if script in METHODS:
+        assert "Differences from the paper" in module.__doc__ and "Differences from the paper" not in shown
+        assert "\nPaper: " in shown
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--help-paper"])
+        assert e.value.code == 0 and capsys.readouterr().out == module.__doc__ + "\n"
 
 
 def test_preset_descriptions_count_the_real_parameters():
@@ -71,15 +94,27 @@ def test_preset_descriptions_count_the_real_parameters():
 @pytest.mark.parametrize("method", METHODS)
 def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, tiny_data, tmp_path, capsys):
     """Catches a log without the untrained network's k-NN (the baseline a newcomer reads the gain against), an
-    epoch-0 line computed after training started, a run that ends without naming its checkpoint and the eval
-    command, and --resume of a finished run that does not say so (or trains again)."""
+    epoch-0 line computed after training started or not shown on screen, a screen line of an epoch without k-NN
+    that shows null instead of the last measurement (or a log that claims a measurement it did not make), a run
+    that ends without its gain line (k-NN before -> after, time, checkpoint, the eval command), and --resume of a
+    finished run that does not say so, trains again, or calls a shorter --epochs a "stretched" schedule."""
     module = importlib.import_module(method)
     out = tmp_path / "run"
-    argv = method_argv(method, tiny_data, out)
+    argv = method_argv(method, tiny_data, out, epochs=2, knn_every=2)
     module.main(argv)
     log = read_log(out, epoch0=True)
-    assert [line["epoch"] for line in log] == [0, 1] and set(log[0]) == {"epoch", "knn_top1", "knn_queries"}
+    assert [line["epoch"] for line in log] == [0, 1, 2] and set(log[0]) == {"epoch", "knn_top1", "knn_queries"}
     assert log[0]["knn_queries"] == "test"
+    assert log[1]["knn_top1"] is None and log[2]["knn_top1"] is not None  # the log: measured at epochs 0 and 2 only
+    printed = capsys.readouterr().out
+    screen = [json.loads(line) for line in printed.splitlines() if line.startswith('{"epoch"')]
+    assert screen[0] == log[0] and screen[1] == {**log[1], "knn_top1": log[0]["knn_top1"], "knn_epoch": 0}
+    assert screen[2] == {**log[2], "knn_epoch": 2}
+    ckpt, before, after = os.path.join(out, "checkpoint.pt"), log[0]["knn_top1"], log[2]["knn_top1"]
+    gain = re.escape(f"k-NN {before:.1f} -> {after:.1f} ({after - before:+.1f})")
+    what_next = rf"checkpoint {re.escape(ckpt)}; next: python eval_linear.py --ckpt {re.escape(ckpt)} --random-init"
+    last = printed.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{gain} in (\d+ min )?\d+ s; {what_next}", last), last
     # independently: the same ViT, built from the same seed as the script builds it, never trained
     torch.manual_seed(0)
     untrained = vit.ARCHS["vit_mini"](img_size=16, patch_size=8)
@@ -87,13 +122,13 @@ def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, ti
     loaders = [data.build_loader(data.build_dataset("folder", tiny_data, split, tf), 256, 0, train=False)
                for split in ("train", "test")]
     assert log[0]["knn_top1"] == pytest.approx(eval_linear.knn_eval(untrained, *loaders, torch.device("cpu")))
+    before_mtime = os.stat(os.path.join(out, "checkpoint.pt")).st_mtime_ns
+    module.main(argv + ["--resume", "--epochs", "1"])  # fewer than it has: nothing to train, no schedule "stretched"
     printed = capsys.readouterr().out
-    ckpt = os.path.join(out, "checkpoint.pt")
-    assert f"done: {ckpt}" in printed and f"python eval_linear.py --ckpt {ckpt} --random-init" in printed
-    before = os.stat(ckpt).st_mtime_ns
-    module.main(argv + ["--resume"])
-    assert "has finished its 1 epochs: nothing to train" in capsys.readouterr().out
-    assert os.stat(ckpt).st_mtime_ns == before and len(read_log(out, epoch0=True)) == 2
+    assert "has finished its 2 epochs: nothing to train" in printed and "schedule" not in printed
+    last = printed.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{gain} trained before, nothing to train now; {what_next}", last), last
+    assert os.stat(ckpt).st_mtime_ns == before_mtime and len(read_log(out, epoch0=True)) == 3
 
     # a truncated checkpoint (a full disk, a copy cut short): one line naming it
     with open(ckpt, "rb") as f:
