@@ -410,6 +410,13 @@ def get_args_parser():
                    help="how fine-tuning's views are made, as in the training scripts: batched on the device from "
                         "the train split decoded once, or pil in --workers processes; auto: batched where it fits "
                         "(default: %(default)s)")
+    g.add_argument("--label-fraction", type=float, default=None, metavar="F",
+                   help="the few-label case: k-NN, probe and fine-tuning see the labels of a stratified fraction F "
+                        "of the train split only (F of every class, drawn with --label-seed: "
+                        "stratified_split(labels, F)'s held-out part); --val-fraction then carves its validation "
+                        "images out of these (default: every train label)")
+    g.add_argument("--label-seed", type=int, default=None,
+                   help="seed of the --label-fraction draw (default: --seed)")
     g.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="hold out a fraction F of every class of the train split (--seed) and report accuracy on "
                         "it instead of the test split: choose probe or fine-tuning settings with this, then "
@@ -503,8 +510,12 @@ def main(argv=None):
         raise SystemExit("--dataset folder needs --data-dir <dir with train/<class>/*.jpg and test/<class>/*.jpg>")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise SystemExit(f"--val-fraction {args.val_fraction}: give a fraction between 0 and 1, like 0.1")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise SystemExit(f"--label-fraction {args.label_fraction}: give a fraction above 0 and at most 1, like 0.01")
+    label_seed = args.seed if args.label_seed is None else args.label_seed
     data_dir = data_dir or "data"  # torchvision's datasets: where --download puts them
     eval_data = f"folder:{os.path.basename(os.path.normpath(data_dir))}" if dataset == "folder" else dataset
+    eval_data += f" ({args.label_fraction:g} of the train labels)" if args.label_fraction else ""
     eval_data += f" (val {args.val_fraction:g} of train)" if args.val_fraction else ""
     loaders = {}  # (img_size, normalization) -> (train, test, train-augmented or None, num_classes)
 
@@ -515,8 +526,13 @@ def main(argv=None):
             num_classes = data.num_classes(train_set)
             # fine-tuning's views: batched on the device or PIL in workers (data.build_train_loader, --aug)
             aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None  # its own transform
-            if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
+            if args.label_fraction or args.val_fraction:
                 labels = getattr(train_set, "targets", None) or train_set.labels
+            if args.label_fraction:  # the labelled images: every protocol sees these and no other train image
+                _, labelled = stratified_split(labels, args.label_fraction, label_seed)
+                labels = [labels[i] for i in labelled]
+                train_set, aug_set = Subset(train_set, labelled), aug_set and Subset(aug_set, labelled)
+            if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
                 train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
                 train_set, test_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
                 aug_set = aug_set and Subset(aug_set, train_idx)
@@ -562,7 +578,8 @@ def main(argv=None):
                "dataset": dataset, "data_dir": data_dir,
                "eval_data": eval_data + (" (transfer)" if transfer else ""),
                "transfer": transfer, "img_size": img_size, "normalization": {"mean": list(mean_std[0]), "std": list(mean_std[1])},
-               "val_fraction": args.val_fraction, "num_train": len(train_labels),
+               "val_fraction": args.val_fraction, "label_fraction": args.label_fraction,
+               "label_seed": label_seed if args.label_fraction else None, "num_train": len(train_labels),
                "num_test": len(test_labels), "knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
                "knn_top1": knn_top1, "knn_top5": knn_top5, "linear_top1": probe["top1"],
                "linear_top5": probe["top5"],
