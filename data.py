@@ -260,6 +260,14 @@ def multicrop_specs(img_size, n_global=2, n_local=6, local_size=None, global_sca
     return [crop(img_size, global_scale)] * n_global + [crop(local_size, local_scale)] * n_local
 
 
+def small_crop_side(img_size, patch_size):
+    """The multi-crop papers' small crop for a global crop of img_size: 96/224 of its side (SwAV's and DINO's 96 px
+    crops of 224 px images) rounded to a multiple of patch_size, raised to 4x4 patches if it falls short (their
+    96 px crops are 6x6 patches of 16). 16 px at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 px at
+    32 px with patch 8 (no longer small: the method files then default to no small crops), 96 at 224 with 16."""
+    return patch_size * max(4, round(img_size * 96 / 224 / patch_size))
+
+
 def dino_specs(img_size, n_local=8, local_size=None, global_scale=None, local_scale=(0.05, 0.4)):
     """DINO (Caron et al. 2021, arXiv:2104.14294) App. / main_dino.py's DataAugmentationDINO: BYOL's asymmetric
     pair as the two global crops (blur p 1.0 / 0.1, solarization p 0 / 0.2; bicubic, flip, jitter (0.4, 0.4,

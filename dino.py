@@ -93,8 +93,9 @@ def dino_loss(student, teacher, center, student_temp, teacher_temp):
 
 
 @torch.no_grad()
-def update_center(center, teacher, momentum, distributed=False):
-    """c <- m c + (1 - m) mean of the teacher's logits (Algorithm 1's last line, Eq. 4), in place.
+def update_center(center, teacher, center_momentum, distributed=False):
+    """c <- m c + (1 - m) mean of the teacher's logits, m the center_momentum (Algorithm 1's last line, Eq. 4), in
+    place.
 
     center: (K,); teacher: (2, B, K) this process's logits of the 2 global crops. distributed: the mean is over
     all processes' samples (all-reduced), so every process keeps the same centre, the one of the global batch.
@@ -104,7 +105,7 @@ def update_center(center, teacher, momentum, distributed=False):
     if distributed:
         dist.all_reduce(total)
         count *= dist.get_world_size()
-    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+    center.mul_(center_momentum).add_(total / count, alpha=1 - center_momentum)
 
 
 # ---- model ----
@@ -201,10 +202,11 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
-def default_small_crops(small_crop_size, patch_size):
+def default_small_crops(small_crop_size, img_size, patch_size):
     """--num-small-crops when it is not given: the paper's 8 where a small crop is a grid of at least 4x4 patches
-    (the paper's 96 px crops are 6x6 patches of 16), else none (see --num-small-crops)."""
-    return 8 if small_crop_size // patch_size >= 4 else 0
+    (the paper's 96 px crops are 6x6 patches of 16) and at most half the global crop's side (the paper's: 0.43),
+    else none (see --num-small-crops)."""
+    return 8 if small_crop_size // patch_size >= 4 and 2 * small_crop_size <= img_size else 0
 
 
 def get_args_parser():
@@ -247,6 +249,10 @@ def get_args_parser():
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="the k-NN monitor's queries: F of every class of the train split, held out of its memory "
+                        "bank, instead of the test split; for choosing settings without reading test (pretraining "
+                        "still sees those images, without labels); 0: the test split")
     p.add_argument("--seed", type=int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -294,12 +300,14 @@ def get_args_parser():
                    help="epochs at the start in which the head's last layer is not updated (paper: 1)")
     p.add_argument("--num-small-crops", type=int, default=None,
                    help="small crops per image besides the 2 global ones (paper: 8); 0: no multi-crop (then the "
-                        "global crops cover 0.14-1 of the image). Default: 8 where a small crop is at least 4x4 "
-                        "patches (ViT-Tiny/4's 16 px crops), else 0: with vit_mini/8's 2x2-patch crops 0 learned "
-                        "more here (k-NN 28.1 vs 26.9 after 2 epochs) at less than half the cost")
-    p.add_argument("--small-crop-size", type=int, default=16,
-                   help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
-                        "grid); a multiple of --patch-size")
+                        "global crops cover 0.14-1 of the image). Default: 8 where a small crop (--small-crop-size) is "
+                        "at least 4x4 patches and at most half the global side (ViT-Tiny/4 at 32 px: 16 px crops), "
+                        "else 0 (vit_mini/8 at 32 px: 4x4 patches are the whole image; with its 2x2-patch crops 0 "
+                        "learned more here, k-NN 28.1 vs 26.9 after 2 epochs, at less than half the cost)")
+    p.add_argument("--small-crop-size", type=int, default=None,
+                   help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
+                        "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
+                        "at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 with patch 8")
     p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (paper: 3.0); 0: off")
     return p
 
@@ -318,6 +326,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
     t0, seen, loss_sum, std_sum, entropy_sum = time.time(), 0, 0.0, 0.0, 0.0
+    grad_norms = []  # before clipping, one per step: how often --clip-grad acted
     bar = tqdm(loader, desc=f"dino {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for it, (crops, _) in enumerate(bar):
         # 1. schedules: learning rate, weight decay (decayed group only), the teacher's EMA weight and temperature
@@ -325,7 +334,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         for group in optimizer.param_groups:
             group["lr"] = lr_schedule(step)
         optimizer.param_groups[0]["weight_decay"] = wd_schedule(step)
-        m, teacher_temp = momentum_schedule(step), teacher_temp_schedule(step)
+        teacher_momentum, teacher_temp = momentum_schedule(step), teacher_temp_schedule(step)  # Algorithm 1's l
 
         # 2. all crops through the student, the 2 global ones through the teacher
         crops = [x.to(device, non_blocking=True) for x in crops]                  # V x (B, C, H_v, W_v)
@@ -367,8 +376,8 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         scaler.update()
 
         # 5. the teacher follows the student: theta_t <- l theta_t + (1 - l) theta_s
-        ema_update(model.teacher_backbone, model.backbone, m)
-        ema_update(model.teacher_head, model.head, m)
+        ema_update(model.teacher_backbone, model.backbone, teacher_momentum)
+        ema_update(model.teacher_head, model.head, teacher_momentum)
 
         # 6. the centre follows the teacher's mean output over the global batch, after the loss that used it
         update_center(center, t, args.center_momentum, distributed)
@@ -376,6 +385,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 7. log: loss and the collapse monitors (uniform collapse: entropy ln K, kl 0; one dimension: both 0)
         seen += B * world
         loss_sum += loss_value
+        grad_norms.append(grad_value)
         std_sum += std_value
         entropy_sum += entropy_value
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -387,11 +397,15 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         dist.all_reduce(means)
         means /= world
     seconds = time.time() - t0
+    finite = [g for g in grad_norms if math.isfinite(g)]  # (an fp16 step the scaler skipped has an inf norm)
+    clip = {"grad_norm": sum(finite) / max(1, len(finite)), "grad_norm_max": max(finite, default=0.0),
+            "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     loss_mean, std_mean, entropy_mean = means.tolist()
     return {"loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
-            "weight_decay": optimizer.param_groups[0]["weight_decay"], "momentum": m, "teacher_temp": teacher_temp,
+            "weight_decay": optimizer.param_groups[0]["weight_decay"], "momentum": teacher_momentum,
+            "teacher_temp": teacher_temp,
             "embed_std": std_mean, "teacher_entropy": entropy_mean, "kl": loss_mean - entropy_mean,
-            "img_per_s": seen / seconds, "seconds": seconds}
+            "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
 
 def main(argv=None):
@@ -413,18 +427,24 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.small_crop_size is None:
+        args.small_crop_size = data.small_crop_side(args.img_size, args.patch_size)
     for flag, size in (("--img-size", args.img_size), ("--small-crop-size", args.small_crop_size)):
         if size % args.patch_size:
             raise SystemExit(f"error: {flag} {size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
     if args.num_small_crops is None:
-        args.num_small_crops = default_small_crops(args.small_crop_size, args.patch_size)
+        args.num_small_crops = default_small_crops(args.small_crop_size, args.img_size, args.patch_size)
         if is_main and not args.num_small_crops:
             side = args.small_crop_size // args.patch_size
-            print(f"note: no small crops: a {args.small_crop_size} px crop would be {side}x{side} patches of "
-                  f"{args.patch_size} px (--num-small-crops sets them)")
+            why = (f"{side}x{side} patches of {args.patch_size} px" if side < 4 else
+                   f"more than half of the {args.img_size} px global crop")
+            print(f"note: no small crops: a {args.small_crop_size} px crop would be {why} "
+                  f"(--num-small-crops sets them)")
     args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -447,9 +467,8 @@ def main(argv=None):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
-        knn_train, knn_test = (data.build_eval_loader(data.build_dataset(args.dataset, args.data_dir, split),
-                                                      args.img_size, mean, std, 256, args.workers)
-                               for split in ("train", "test"))
+        knn_train, knn_test = eval_linear.knn_monitor_loaders(args.dataset, args.data_dir, args.img_size, mean, std,
+                                                              args.workers, args.val_fraction)
 
     # ---- model ----
     backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
@@ -498,8 +517,9 @@ def main(argv=None):
             what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
             raise SystemExit(f"error: {ckpt_path} is not a dino checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
-        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "aug", "precision"}  # --aug: the same recipe, other random draws
+        # (--aug: the same recipe, other random draws)
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "val_fraction", "download",
+                "data_dir", "out", "aug", "precision"}
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:
@@ -527,24 +547,27 @@ def main(argv=None):
     # ---- train ----
     log_path = os.path.join(args.out, "log.jsonl")
     if start_epoch == 0:  # the untrained network's k-NN first: the baseline the later lines gain on
-        knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device) if args.knn_every else None
+        knn = eval_linear.knn_eval(model.teacher_backbone, knn_train, knn_test, device) if args.knn_every else None
         if is_main:
             os.makedirs(args.out, exist_ok=True)
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
-                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
+                queries = f"val ({args.val_fraction:g} of train)" if args.val_fraction else "test"
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, wd_schedule,
                                 momentum_schedule, teacher_temp_schedule, epoch, args, center)
         knn = None
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn = eval_linear.knn_eval(backbone, knn_train, knn_test, device)  # every process takes part
+            # the teacher, the network DINO's paper and reference code evaluate (eval_knn.py's checkpoint_key)
+            knn = eval_linear.knn_eval(model.teacher_backbone, knn_train, knn_test, device)  # every process takes part
         if is_main:
             # no RNG state: the views are seeded by (seed, epoch, image), the order by (seed, epoch). "backbone" is
-            # the student's, the network that trained (as the other methods' online network); the teacher's is in
-            # "model" (teacher_backbone.*): the paper evaluates it, but in a short run it lags the student
+            # the teacher's, the network the paper evaluates (§5.2: it is the better one for most of training);
+            # the student's is in "model" (backbone.*): eval_linear.py --checkpoint-key student
             save_checkpoint(ckpt_path, {
                 "method": "dino", "epoch": epoch + 1, "args": vars(args), "vit_kwargs": backbone.kwargs,
-                "backbone": backbone.state_dict(), "model": model.state_dict(),
+                "backbone": model.teacher_backbone.state_dict(), "backbone_network": "teacher",
+                "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "state": {"step": (epoch + 1) * len(loader), "scaler": scaler.state_dict(), "center": center.cpu()},
             })

@@ -136,6 +136,23 @@ def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)[0]
 
 
+def knn_monitor_loaders(dataset, data_dir, img_size, mean, std, workers, val_fraction=0.0):
+    """(memory bank, queries): the un-augmented loaders of the training scripts' k-NN monitor (knn_eval).
+
+    val_fraction 0: the train split's labelled images against the test split, the number a run reports.
+    val_fraction F in (0, 1): F of every class of the train split held out of the memory bank as the queries
+    (stratified_split, seed 0: the same split whatever the run's --seed), a validation score that choices and
+    sweeps read instead of the test split. Pretraining still sees the held-out images, without their labels.
+    """
+    train_set = data.build_dataset(dataset, data_dir, "train")
+    if val_fraction:
+        bank_idx, val_idx = stratified_split(labels_of(train_set), val_fraction)
+        bank_set, query_set = Subset(train_set, bank_idx), Subset(train_set, val_idx)
+    else:
+        bank_set, query_set = train_set, data.build_dataset(dataset, data_dir, "test")
+    return tuple(data.build_eval_loader(s, img_size, mean, std, 256, workers) for s in (bank_set, query_set))
+
+
 # ---- linear probe and fine-tuning ----
 
 def cosine_lr(step, total_steps, base_lr, warmup_steps=0):
@@ -196,6 +213,12 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
     with torch.no_grad():
         top1, top5 = accuracy(clf(x_test), test_labels.to(device))
     return {"top1": top1, "top5": top5}
+
+
+def labels_of(dataset):
+    """The class index of every image of a torchvision dataset or ImageFolder (targets), or of STL-10 (labels)."""
+    labels = getattr(dataset, "targets", None)
+    return dataset.labels if labels is None else labels
 
 
 def stratified_split(labels, fraction, seed=0):
@@ -310,15 +333,25 @@ def read_checkpoint(path):
         raise SystemExit(f"{path}: not a checkpoint readable with torch.load(weights_only=True): {why}") from None
 
 
-def load_backbone(path, num_heads=None):
+# Where the moving-average network of a method sits in its checkpoint's "model": DINO's teacher, BYOL's target and
+# MoCo's momentum encoder. The network trained by the gradient (student, online network, query encoder) is
+# "backbone.*" in every method.
+TEACHER_PREFIX = {"dino": "teacher_backbone.", "byol": "target_backbone.", "moco": "momentum_backbone."}
+
+
+def load_backbone(path, num_heads=None, checkpoint_key=None):
     """(VisionTransformer on CPU in eval mode, meta dict) from a checkpoint file.
 
     Accepts this repo's checkpoints ({"method", "epoch", "args", "vit_kwargs", "backbone", ...}, any method) and
     plain timm / DeiT ViT state dicts (optionally under "model" or "state_dict", "module." prefixes and the
     classification "head.*" dropped); for those the architecture is read off the tensor shapes, with a learned
     position embedding and `num_heads` = width // 64 unless given. Anything else exits with a one-line message.
-    meta: method, epoch, arch, vit_kwargs, pretrain_dataset, pretrain_data_dir, ckpt, and mean_std: the
-    input normalization it was trained with (its pretraining dataset's; ImageNet's for timm / DeiT weights).
+    meta: method, epoch, arch, vit_kwargs, pretrain_dataset, pretrain_data_dir, ckpt, mean_std: the input
+    normalization it was trained with (its pretraining dataset's; ImageNet's for timm / DeiT weights), and network:
+    which of a method's two networks this is ("student" or "teacher"; None for methods with one, and timm weights).
+    checkpoint_key (this repo's checkpoints of DINO, BYOL and MoCo): None takes the checkpoint's "backbone" (DINO's
+    teacher, as DINO's eval_knn.py; the others' online network, as their papers), "student" the network trained by
+    the gradient, "teacher" its moving average.
     """
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
@@ -331,6 +364,16 @@ def load_backbone(path, num_heads=None):
         meta = {"method": ckpt.get("method", "?"), "epoch": ckpt.get("epoch"),
                 "pretrain_dataset": args.get("dataset"), "pretrain_data_dir": args.get("data_dir"),
                 "mean_std": data.MEAN_STD.get(args.get("dataset"))}  # what its pixels were normalized with
+        has_teacher = meta["method"] in TEACHER_PREFIX and isinstance(ckpt.get("model"), dict)
+        # (checkpoints written before DINO's held its teacher as "backbone" say nothing: theirs is the student)
+        network = ckpt.get("backbone_network", "student") if has_teacher else None
+        if checkpoint_key and not has_teacher:
+            raise SystemExit(f"{path}: --checkpoint-key {checkpoint_key}: a {meta['method']} checkpoint has one "
+                             f"network (student and teacher: dino, byol, moco)")
+        if checkpoint_key and checkpoint_key != network:
+            prefix = TEACHER_PREFIX[meta["method"]] if checkpoint_key == "teacher" else "backbone."
+            sd, network = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}, checkpoint_key
+        meta["network"] = network
     else:                                                                         # (b) a timm / DeiT state dict
         sd = ckpt
         for wrapper in ("model", "state_dict"):
@@ -339,7 +382,9 @@ def load_backbone(path, num_heads=None):
         sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         vit_kwargs = _timm_vit_kwargs(sd, path, num_heads)
-        meta = {"method": os.path.splitext(os.path.basename(path))[0], "epoch": None,
+        if checkpoint_key:
+            raise SystemExit(f"{path}: --checkpoint-key {checkpoint_key}: a plain ViT state dict has one network")
+        meta = {"method": os.path.splitext(os.path.basename(path))[0], "epoch": None, "network": None,
                 "pretrain_dataset": None, "pretrain_data_dir": None, "mean_std": data.IMAGENET_MEAN_STD}
     try:
         model = vit.VisionTransformer(**vit_kwargs)
@@ -371,6 +416,11 @@ def get_args_parser():
                    help="side the images are resized to (default: the backbone's img_size; another multiple of "
                         "the patch size resamples the position embedding); with --arch also the model's size "
                         "(default 32)")
+    g.add_argument("--checkpoint-key", choices=["student", "teacher"], default=None,
+                   help="which network of a DINO, BYOL or MoCo checkpoint: student (trained by the gradient: the "
+                        "online network, the query encoder) or teacher (its moving average: the target, the momentum "
+                        "encoder); default: the checkpoint's backbone, DINO's teacher (as its paper and eval_knn.py) "
+                        "and the others' student (as theirs)")
     g.add_argument("--num-heads", type=int, default=None,
                    help="attention heads of a timm/DeiT state dict (not in its shapes; default width // 64)")
     g = p.add_argument_group("data")
@@ -463,7 +513,7 @@ def markdown_table(rows, finetune):
     fmt = lambda x: "-" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["method"], r["epoch"], r["arch"], r["eval_data"], r["knn_top1"], r["linear_top1"],
+        cells = [r["label"], r["epoch"], r["arch"], r["eval_data"], r["knn_top1"], r["linear_top1"],
                  r["linear_top5"]] + ([r["finetune_top1"]] if finetune else [])
         lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -477,7 +527,7 @@ def main(argv=None):
     device = resolve_device(args.device)
 
     # ---- models ----
-    models = [load_backbone(path, args.num_heads) for path in args.ckpt]         # [(backbone, meta)]
+    models = [load_backbone(path, args.num_heads, args.checkpoint_key) for path in args.ckpt]  # [(backbone, meta)]
     if args.random_init:
         torch.manual_seed(args.seed)
         if args.arch is not None:
@@ -489,7 +539,7 @@ def main(argv=None):
         else:
             raise SystemExit("--random-init needs --arch (or a --ckpt whose architecture it copies)")
         kw = backbone.kwargs
-        models.insert(0, (backbone, {"method": "random init", "epoch": 0, "arch": describe_arch(kw),
+        models.insert(0, (backbone, {"method": "random init", "epoch": 0, "network": None, "arch": describe_arch(kw),
                                      "vit_kwargs": kw, "pretrain_dataset": None, "pretrain_data_dir": None,
                                      "mean_std": None, "ckpt": None}))
 
@@ -526,8 +576,7 @@ def main(argv=None):
             num_classes = data.num_classes(train_set)
             # fine-tuning's views: batched on the device or PIL in workers (data.build_train_loader, --aug)
             aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None  # its own transform
-            if args.label_fraction or args.val_fraction:
-                labels = getattr(train_set, "targets", None) or train_set.labels
+            labels = labels_of(train_set)
             if args.label_fraction:  # the labelled images: every protocol sees these and no other train image
                 _, labelled = stratified_split(labels, args.label_fraction, label_seed)
                 labels = [labels[i] for i in labelled]
@@ -573,7 +622,9 @@ def main(argv=None):
         same_data = meta["pretrain_dataset"] == dataset and (dataset != "folder" or os.path.realpath(
             str(meta["pretrain_data_dir"])) == os.path.realpath(data_dir))
         transfer = meta["pretrain_dataset"] is not None and not same_data
-        row = {"ckpt": meta["ckpt"], "method": meta["method"], "epoch": meta["epoch"], "arch": meta["arch"],
+        label = meta["method"] + (f" ({meta['network']})" if meta["network"] else "")  # dino (teacher)
+        row = {"ckpt": meta["ckpt"], "method": meta["method"], "network": meta["network"], "label": label,
+               "epoch": meta["epoch"], "arch": meta["arch"],
                "vit_kwargs": meta["vit_kwargs"], "pretrain_dataset": meta["pretrain_dataset"],
                "dataset": dataset, "data_dir": data_dir,
                "eval_data": eval_data + (" (transfer)" if transfer else ""),
@@ -594,7 +645,7 @@ def main(argv=None):
         rows.append(row)
         probe_msg = "" if args.no_probe else f", linear {probe['top1']:.2f} / {probe['top5']:.2f}"
         ft_msg = f", finetune {ft['top1']:.2f}" if args.finetune else ""
-        print(f"{meta['method']} ({meta['arch']}) on {row['eval_data']}: k-NN {knn_top1:.2f}{probe_msg}{ft_msg} "
+        print(f"{label}, {meta['arch']}, on {row['eval_data']}: k-NN {knn_top1:.2f}{probe_msg}{ft_msg} "
               f"[{row['seconds']:.0f} s]")
         if args.results:
             with open(args.results, "a") as f:

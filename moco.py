@@ -212,6 +212,10 @@ def get_args_parser():
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="the k-NN monitor's queries: F of every class of the train split, held out of its memory "
+                        "bank, instead of the test split; for choosing settings without reading test (pretraining "
+                        "still sees those images, without labels); 0: the test split")
     p.add_argument("--seed", type=int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -244,6 +248,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
     t0, seen, loss_sum, std_sum = time.time(), 0, 0.0, 0.0
+    grad_norms = []  # before clipping, one per step: how often --clip-grad acted
     bar = tqdm(loader, desc=f"moco {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for it, ((x1, x2), _) in enumerate(bar):
         # 1. schedules: the learning rate and the momentum of this global step
@@ -294,6 +299,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # 6. log: loss and the collapse monitor, the per-dimension std of the normalized CLS feature
         seen += x1.shape[0] * world
         loss_sum += loss_value
+        grad_norms.append(grad_value)
         std_sum += std_value
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", m=f"{m:.4f}",
                         img_s=f"{seen / (time.time() - t0):.0f}")
@@ -303,8 +309,11 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         dist.all_reduce(means)
         means /= world
     seconds = time.time() - t0
+    finite = [g for g in grad_norms if math.isfinite(g)]  # (an fp16 step the scaler skipped has an inf norm)
+    clip = {"grad_norm": sum(finite) / max(1, len(finite)), "grad_norm_max": max(finite, default=0.0),
+            "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     return {"loss": means[0].item(), "lr": optimizer.param_groups[0]["lr"], "momentum": m,
-            "embed_std": means[1].item(), "img_per_s": seen / seconds, "seconds": seconds}
+            "embed_std": means[1].item(), "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
 
 def main(argv=None):
@@ -326,6 +335,8 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.img_size % args.patch_size:
@@ -354,9 +365,8 @@ def main(argv=None):
         raise SystemExit(f"error: --queue {args.queue} must be a multiple of --batch-size {args.batch_size} and at "
                          f"most the {len(train_set)} training images (an image's own key would be its negative)")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
-        knn_train, knn_test = (data.build_eval_loader(data.build_dataset(args.dataset, args.data_dir, split),
-                                                      args.img_size, mean, std, 256, args.workers)
-                               for split in ("train", "test"))
+        knn_train, knn_test = eval_linear.knn_monitor_loaders(args.dataset, args.data_dir, args.img_size, mean, std,
+                                                              args.workers, args.val_fraction)
 
     # ---- model ----
     backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
@@ -400,8 +410,9 @@ def main(argv=None):
             what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
             raise SystemExit(f"error: {ckpt_path} is not a moco checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
-        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "aug", "precision"}  # --aug: the same recipe, other random draws; precision: the GPU's
+        # (--aug: the same recipe, other random draws; precision: the GPU's)
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "val_fraction", "download",
+                "data_dir", "out", "aug", "precision"}
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:
@@ -434,7 +445,8 @@ def main(argv=None):
         if is_main:
             os.makedirs(args.out, exist_ok=True)
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
-                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
+                queries = f"val ({args.val_fraction:g} of train)" if args.val_fraction else "test"
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, momentum_schedule,
                                 queue, epoch, args)

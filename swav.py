@@ -177,10 +177,11 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
-def default_small_crops(small_crop_size, patch_size):
+def default_small_crops(small_crop_size, img_size, patch_size):
     """--num-small-crops when it is not given: the paper's 6 where a small crop is a grid of at least 4x4 patches
-    (the paper's 96 px crops are 6x6 patches of 16), else none (see --num-small-crops)."""
-    return 6 if small_crop_size // patch_size >= 4 else 0
+    (the paper's 96 px crops are 6x6 patches of 16) and at most half the global crop's side (the paper's: 0.43),
+    else none (see --num-small-crops)."""
+    return 6 if small_crop_size // patch_size >= 4 and 2 * small_crop_size <= img_size else 0
 
 
 def get_args_parser():
@@ -223,6 +224,10 @@ def get_args_parser():
                         "(T4, V100); CPU and MPS run in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN accuracy every N epochs and at the end; 0: never")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="the k-NN monitor's queries: F of every class of the train split, held out of its memory "
+                        "bank, instead of the test split; for choosing settings without reading test (pretraining "
+                        "still sees those images, without labels); 0: the test split")
     p.add_argument("--seed", type=int, default=0,
                    help="the model's init, the shuffle and every view: (seed, epoch, image) fixes the views")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -246,12 +251,14 @@ def get_args_parser():
                         "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
     p.add_argument("--num-small-crops", type=int, default=None,
                    help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop. Default: 6 "
-                        "where a small crop is at least 4x4 patches (ViT-Tiny/4's 16 px crops), else 0: vit_mini/8's "
-                        "2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol (30.6 vs 34.1; untrained "
-                        "28.6) at twice the cost")
-    p.add_argument("--small-crop-size", type=int, default=16,
-                   help="small crop side in pixels (paper: 96 with 224: 32 * 96/224 = 14, rounded to the patch "
-                        "grid); a multiple of --patch-size")
+                        "where a small crop (--small-crop-size) is at least 4x4 patches and at most half the global side "
+                        "(ViT-Tiny/4 at 32 px: 16 px crops), else 0 (vit_mini/8 at 32 px: 4x4 patches are the whole "
+                        "image; its 2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol, 30.6 vs 34.1, "
+                        "untrained 28.6, at twice the cost)")
+    p.add_argument("--small-crop-size", type=int, default=None,
+                   help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
+                        "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
+                        "at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 with patch 8")
     p.add_argument("--freeze-prototypes-epochs", type=int, default=1,
                    help="the prototypes get no update in this many first epochs, whatever the dataset and batch "
                         "(reference code: its first epoch, --freeze_prototypes_niters 313 ImageNet steps at batch "
@@ -279,6 +286,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
     model.train()
     data.set_epoch(loader, epoch)  # this epoch's shuffle and augmentations (without it: the first one's again)
     t0, seen, loss_sum, std_sum, entropy_sum, used_sum = time.time(), 0, 0.0, 0.0, 0.0, 0.0
+    grad_norms = []  # before clipping, one per step: how often --clip-grad acted
     bar = tqdm(loader, desc=f"swav {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for it, (crops, _) in enumerate(bar):
         # 1. schedule: the learning rate of this global step; the prototypes back on the unit sphere (C is
@@ -344,6 +352,7 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         # feature of the global crops, the representation the k-NN and eval_linear see (as in the other methods)
         seen += B * world
         loss_sum += loss_value
+        grad_norms.append(grad_value)
         std_sum += std_value
         entropy_sum += entropy_value
         used_sum += used_value
@@ -355,9 +364,12 @@ def train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, 
         dist.all_reduce(means)
         means /= world
     seconds = time.time() - t0
+    finite = [g for g in grad_norms if math.isfinite(g)]  # (an fp16 step the scaler skipped has an inf norm)
+    clip = {"grad_norm": sum(finite) / max(1, len(finite)), "grad_norm_max": max(finite, default=0.0),
+            "clipped": sum(g > args.clip_grad for g in finite) / max(1, len(finite)) if args.clip_grad else 0.0}
     return {"loss": means[0].item(), "lr": optimizer.param_groups[0]["lr"], "embed_std": means[1].item(),
             "codes_entropy": means[2].item(), "prototypes_used": used_sum / len(loader),
-            "img_per_s": seen / seconds, "seconds": seconds}
+            "img_per_s": seen / seconds, "seconds": seconds, **clip}
 
 
 def main(argv=None):
@@ -379,18 +391,24 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         device = eval_linear.resolve_device(args.device or "auto")  # cuda, then mps, then cpu
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit(f"error: --val-fraction {args.val_fraction}: a fraction in [0, 1), like 0.1 (0: test split)")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.small_crop_size is None:
+        args.small_crop_size = data.small_crop_side(args.img_size, args.patch_size)
     for flag, size in (("--img-size", args.img_size), ("--small-crop-size", args.small_crop_size)):
         if size % args.patch_size:
             raise SystemExit(f"error: {flag} {size} is not a multiple of --patch-size {args.patch_size}")
     is_main = rank == 0
     if args.num_small_crops is None:
-        args.num_small_crops = default_small_crops(args.small_crop_size, args.patch_size)
+        args.num_small_crops = default_small_crops(args.small_crop_size, args.img_size, args.patch_size)
         if is_main and not args.num_small_crops:
             side = args.small_crop_size // args.patch_size
-            print(f"note: no small crops: a {args.small_crop_size} px crop would be {side}x{side} patches of "
-                  f"{args.patch_size} px (--num-small-crops sets them)")
+            why = (f"{side}x{side} patches of {args.patch_size} px" if side < 4 else
+                   f"more than half of the {args.img_size} px global crop")
+            print(f"note: no small crops: a {args.small_crop_size} px crop would be {why} "
+                  f"(--num-small-crops sets them)")
     args.precision = eval_linear.resolve_precision(args.precision, device, announce=is_main)  # auto -> bf16 / fp16
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -412,9 +430,8 @@ def main(argv=None):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(train_set)} images make no full batch of {args.batch_size // world}")
     if args.knn_every:  # every process extracts its shard of the features (eval_linear.knn_eval)
-        knn_train, knn_test = (data.build_eval_loader(data.build_dataset(args.dataset, args.data_dir, split),
-                                                      args.img_size, mean, std, 256, args.workers)
-                               for split in ("train", "test"))
+        knn_train, knn_test = eval_linear.knn_monitor_loaders(args.dataset, args.data_dir, args.img_size, mean, std,
+                                                              args.workers, args.val_fraction)
 
     # ---- model ----
     backbone = vit.ARCHS[args.arch](img_size=args.img_size, patch_size=args.patch_size,
@@ -460,8 +477,9 @@ def main(argv=None):
             what = f"method {ckpt.get('method')!r}, keys {sorted(ckpt)}" if is_dict else type(ckpt).__name__
             raise SystemExit(f"error: {ckpt_path} is not a swav checkpoint of this repo ({what})")
         # the run's recipe must be the same; what may change: length, machine, logging
-        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "download", "data_dir", "out",
-                "aug", "precision"}  # --aug: the same recipe, other random draws; precision: the GPU's
+        # (--aug: the same recipe, other random draws; precision: the GPU's)
+        free = {"resume", "epochs", "workers", "device", "compile", "knn_every", "val_fraction", "download",
+                "data_dir", "out", "aug", "precision"}
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k not in free and ckpt["args"].get(k) != v}
         if changed:
@@ -494,7 +512,8 @@ def main(argv=None):
         if is_main:
             os.makedirs(args.out, exist_ok=True)
             with open(log_path, "w") as f:  # (replaces the log of a run that died in its first epoch)
-                f.write(json.dumps({"epoch": 0, "knn_top1": knn}) + "\n")
+                queries = f"val ({args.val_fraction:g} of train)" if args.val_fraction else "test"
+                f.write(json.dumps({"epoch": 0, "knn_top1": knn, "knn_queries": queries}) + "\n")
     for epoch in range(start_epoch, args.epochs):
         if queue_len and epoch >= args.queue_start_epoch and queue is None:  # zeros: empty until it is full
             queue = torch.zeros(2, queue_len // world, args.out_dim, device=device)

@@ -182,6 +182,11 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tiny_data, tmp_path, cap
     backbone, _ = eval_linear.load_backbone(str(tmp_path / "checkpoint.pt"))
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(backbone(x), model.backbone.eval()(x))
+    # --checkpoint-key teacher: the moving average, not the online network
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    teacher, meta = eval_linear.load_backbone(str(tmp_path / "checkpoint.pt"), checkpoint_key="teacher")
+    assert same(teacher.state_dict(), model.target_backbone.state_dict()) and meta["network"] == "teacher"
+    assert not same(teacher.state_dict(), model.backbone.state_dict())
     eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--probe-epochs", "2", "--device", "cpu",
                       "--workers", "0"])
     assert "byol" in capsys.readouterr().out

@@ -78,7 +78,8 @@ def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, ti
     argv = method_argv(method, tiny_data, out)
     module.main(argv)
     log = read_log(out, epoch0=True)
-    assert [line["epoch"] for line in log] == [0, 1] and set(log[0]) == {"epoch", "knn_top1"}
+    assert [line["epoch"] for line in log] == [0, 1] and set(log[0]) == {"epoch", "knn_top1", "knn_queries"}
+    assert log[0]["knn_queries"] == "test"
     # independently: the same ViT, built from the same seed as the script builds it, never trained
     torch.manual_seed(0)
     untrained = vit.ARCHS["vit_mini"](img_size=16, patch_size=8)
@@ -102,6 +103,52 @@ def test_a_run_logs_the_untrained_knn_first_and_ends_saying_what_next(method, ti
     with pytest.raises(SystemExit) as e:
         module.main(argv + ["--resume"])
     assert str(e.value).startswith(f"{ckpt}: not a checkpoint readable") and "\n" not in str(e.value)
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
+@pytest.mark.needs_dino
+@pytest.mark.parametrize("method", METHODS)
+def test_val_fraction_scores_the_monitor_on_train_images_held_out_of_its_bank(method, tiny_data, tmp_path):
+    """Catches a script whose --val-fraction does not reach its k-NN monitor (which then reads the test split, the
+    one every choice must not be made on) or whose log does not say which split the k-NN was scored on."""
+    out = tmp_path / "run"
+    importlib.import_module(method).main(method_argv(method, tiny_data, out) + ["--val-fraction", "0.2"])
+    log = read_log(out, epoch0=True)
+    assert log[0]["knn_queries"] == "val (0.2 of train)"
+    torch.manual_seed(0)  # independently: the untrained ViT on the train split cut by stratified_split
+    untrained = vit.ARCHS["vit_mini"](img_size=16, patch_size=8)
+    train = data.build_dataset("folder", tiny_data, "train", data.eval_transform(16, *data.MEAN_STD["folder"]))
+    bank_idx, val_idx = eval_linear.stratified_split(train.targets, 0.2)
+    loaders = [data.build_loader(torch.utils.data.Subset(train, idx), 256, 0, train=False)
+               for idx in (bank_idx, val_idx)]
+    assert log[0]["knn_top1"] == pytest.approx(eval_linear.knn_eval(untrained, *loaders, torch.device("cpu")))
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_knn
+@pytest.mark.needs_moco
+@pytest.mark.needs_byol
+@pytest.mark.needs_swav_sinkhorn
+@pytest.mark.needs_swav_loss
+@pytest.mark.needs_dino
+@pytest.mark.parametrize("method", METHODS)
+def test_the_log_says_how_often_the_gradient_clip_acted(method, tiny_data, tmp_path, monkeypatch):
+    """Catches a grad_norm logged after clipping (it would never exceed --clip-grad), a mean or max over the wrong
+    steps, and a `clipped` fraction that does not count the steps whose norm was above the threshold."""
+    # the real clip, reporting scripted norms (200 images at batch 32: 6 steps), half of them above --clip-grad
+    scripted, clip = [0.25, 4.0, 0.5, 1.0, 0.125, 2.0], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clip(*a, **k) * 0 + scripted.pop(0))
+    out = tmp_path / "run"
+    importlib.import_module(method).main(method_argv(method, tiny_data, out, epochs=1, knn_every=0)
+                                         + ["--clip-grad", "0.5"])
+    line = read_log(out)[0]
+    assert not scripted and line["grad_norm"] == pytest.approx(7.875 / 6) and line["grad_norm_max"] == 4.0
+    assert line["clipped"] == 0.5  # 4.0, 1.0 and 2.0 are above 0.5; 0.5 itself is not clipped
 
 
 @pytest.mark.needs_simclr_aug
@@ -173,29 +220,41 @@ def test_precision_auto_is_bf16_where_the_gpu_has_it_else_fp16(bf16, monkeypatch
         assert importlib.import_module(method).get_args_parser().get_default("precision") == "auto", method
 
 
+def test_the_small_crop_is_the_papers_share_of_the_image_on_the_patch_grid():
+    """Catches a default small crop that ignores --img-size (16 px whatever the image: 1/6 of a 96 px side instead of
+    the paper's 96/224 = 0.43), that is not a multiple of the patch, or that is fewer than 4x4 patches (the paper's
+    96 px crops are 6x6 patches of 16). Expected values by hand: 224 * 0.43 = 96 = 6 x 16; 96 * 0.43 = 41.1, 5
+    patches of 8; 32 * 0.43 = 13.7, 3 patches of 4 raised to 4; 64 * 0.43 = 27.4, 3 patches of 8 raised to 4."""
+    cases = {(224, 16): 96, (96, 8): 40, (32, 4): 16, (32, 8): 32, (64, 8): 32, (448, 16): 192}
+    assert {k: data.small_crop_side(*k) for k in cases} == cases
+
+
 @pytest.mark.parametrize("method, paper", [("swav", 6), ("dino", 8)])
-def test_small_crops_by_default_only_where_they_are_4x4_patches(method, paper, tiny_data, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_small_crops_by_default_only_where_they_are_4x4_patches_and_small(method, paper, tiny_data, tmp_path,
+                                                                          monkeypatch, capsys):
     """Catches the papers' small crops by default on a grid too coarse for them (vit_mini/8's 16 px crops are 2x2
-    patches: they cost SwAV 3.5 k-NN points in the README's CPU protocol), none where they are 4x4 patches or more
+    patches: they cost SwAV 3.5 k-NN points in the README's CPU protocol) or as large as the image (vit_mini/8's
+    4x4-patch crop at 32 px is the whole image), none where they are 4x4 patches and at most half the side
     (ViT-Tiny/4's 16 px crops, the files' default arch), an explicit --num-small-crops overruled, or a run that
     does not say it dropped them."""
     if method not in METHODS:
         pytest.skip(f"{method}.py is not here")
     module = importlib.import_module(method)
-    sizes = ((16, 8), (16, 4), (24, 8), (32, 8), (12, 4))
-    assert [module.default_small_crops(c, p) for c, p in sizes] == [0, paper, 0, paper, 0]
+    sizes = ((16, 32, 8), (16, 32, 4), (24, 32, 8), (32, 32, 8), (32, 64, 8), (12, 32, 4), (20, 32, 4), (40, 96, 8))
+    assert [module.default_small_crops(*s) for s in sizes] == [0, paper, 0, 0, paper, 0, 0, paper]
 
     class Stop(Exception):
         pass
 
     views = []
-    monkeypatch.setattr(data, "build_train_loader", lambda dataset, specs, *a, **k: views.append(len(specs)) or (
-        _ for _ in ()).throw(Stop()))
-    argv = [*TINY, "--data-dir", tiny_data, "--img-size", "32", "--small-crop-size", "16", "--out", str(tmp_path)]
-    for extra in ([], ["--num-small-crops", "3"], ["--patch-size", "4"]):
+    monkeypatch.setattr(data, "build_train_loader", lambda dataset, specs, *a, **k: views.append(
+        (len(specs), specs[-1].size)) or (_ for _ in ()).throw(Stop()))
+    argv = [*TINY, "--data-dir", tiny_data, "--img-size", "32", "--out", str(tmp_path)]
+    for extra in (["--small-crop-size", "16"], ["--small-crop-size", "16", "--num-small-crops", "3"],
+                  ["--patch-size", "4"], []):
         with pytest.raises(Stop):
             module.main(argv + extra)
-    assert views == [2, 5, 2 + paper]
+    assert views == [(2, 32), (5, 16), (2 + paper, 16), (2, 32)]
     out = capsys.readouterr().out
     assert out.count("note: no small crops: a 16 px crop would be 2x2 patches of 8 px") == 1
+    assert out.count("note: no small crops: a 32 px crop would be more than half of the 32 px global crop") == 1

@@ -405,11 +405,15 @@ def test_two_processes_equal_one_process(tmp_path, tiny_data):
 
 @pytest.mark.needs_knn
 @pytest.mark.needs_dino
-def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, tiny_data):
-    """Catches a checkpoint without the teacher or the centre, whose backbone is not the trained student, or that
-    eval_linear cannot read, and log lines without DINO's collapse monitors."""
+def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, monkeypatch, tiny_data):
+    """Catches a checkpoint without the teacher or the centre, whose backbone is not the teacher (the network DINO's
+    paper evaluates) or whose student is lost, that eval_linear cannot read or evaluates on the student by
+    default, and log lines without DINO's collapse monitors."""
+    monitored, knn_eval = [], eval_linear.knn_eval
+    monkeypatch.setattr(eval_linear, "knn_eval", lambda net, *a, **k: monitored.append(net) or knn_eval(net, *a, **k))
     model = dino.main(run_args(tmp_path, 1, "--knn-every", "1", "--img-size", "32", "--small-crop-size", "16",
                                "--batch-size", "100", data_dir=tiny_data))
+    assert len(monitored) == 2 and all(net is model.teacher_backbone for net in monitored)  # epochs 0 and 1
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == "dino" and ckpt["epoch"] == 1
     assert set(ckpt) >= {"method", "epoch", "args", "vit_kwargs", "backbone", "model", "optimizer", "state"}
@@ -419,12 +423,16 @@ def test_training_writes_a_checkpoint_eval_linear_loads(tmp_path, capsys, tiny_d
     assert 0.01 < log[0]["embed_std"] <= 192 ** -0.5 + 1e-6
     assert 0 < log[0]["teacher_entropy"] < math.log(64) and log[0]["kl"] > 0
     assert log[0]["loss"] == pytest.approx(log[0]["teacher_entropy"] + log[0]["kl"])
-    backbone, _ = eval_linear.load_backbone(str(tmp_path / "checkpoint.pt"))
-    x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(backbone(x), model.backbone.eval()(x))
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()  # noqa: E731
+    teacher, student = model.teacher_backbone.state_dict(), model.backbone.state_dict()
+    assert not same(teacher, student)  # (the teacher lags: 0.99 of it stays where it was at every step)
+    for key, expected, name in ((None, teacher, "teacher"), ("teacher", teacher, "teacher"),
+                                ("student", student, "student")):
+        backbone, meta = eval_linear.load_backbone(str(tmp_path / "checkpoint.pt"), checkpoint_key=key)
+        assert same(backbone.state_dict(), expected) and meta["network"] == name
     eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--probe-epochs", "2", "--device", "cpu",
                       "--workers", "0"])
-    assert "dino" in capsys.readouterr().out
+    assert "dino (teacher)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--resume"):  # never overwrite a run silently
         dino.main(run_args(tmp_path, 1))
 

@@ -447,3 +447,21 @@ def test_main_usage_errors():
                         "--val-fraction", "2"], "between 0 and 1")]:
         with pytest.raises(SystemExit, match=msg):
             eval_linear.main(argv)
+
+
+def test_knn_monitor_validation_queries_are_held_out_of_train(tiny_data):
+    """Catches a validation monitor (the training scripts' --val-fraction) that reads the test split, keeps its
+    queries in the memory bank too (each query would find itself), loses train images, or is not stratified; and
+    a plain monitor (0) that is not train against test."""
+    def images(loader):
+        return [(x.numpy().tobytes(), int(y)) for xb, yb in loader for x, y in zip(xb, yb)]
+
+    mean_std = data.MEAN_STD["folder"]
+    train, test = (images(loader) for loader in eval_linear.knn_monitor_loaders("folder", tiny_data, 32, *mean_std,
+                                                                                  0, 0.0))
+    assert len(train) == 200 and len(test) == 100
+    bank, queries = (images(loader) for loader in eval_linear.knn_monitor_loaders("folder", tiny_data, 32, *mean_std,
+                                                                                    0, 0.2))
+    assert sorted(bank + queries) == sorted(train)  # every query from train, none in the bank, no image lost
+    assert not {x for x, _ in queries} & {x for x, _ in test} and not {x for x, _ in queries} & {x for x, _ in bank}
+    assert sorted(y for _, y in queries) == sorted(list(range(10)) * 4)  # 0.2 of each class's 20 images

@@ -292,6 +292,8 @@ def test_torchrun_two_processes_with_the_knn_monitor(tiny_data, tmp_path):
     assert 10 <= knn <= 100
     # the sharded k-NN of the two processes is the k-NN of the saved backbone over all images
     backbone, _ = eval_linear.load_backbone(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(SystemExit, match="a simclr checkpoint has one network"):  # no teacher to pick
+        eval_linear.load_backbone(str(tmp_path / "checkpoint.pt"), checkpoint_key="teacher")
     tf = data.eval_transform(16, *data.MEAN_STD["folder"])
     loaders = [data.build_loader(data.build_dataset("folder", tiny_data, s, tf), 256, 0, train=False)
                for s in ("train", "test")]
