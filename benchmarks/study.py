@@ -177,9 +177,11 @@ def method_flags(method, cfg):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
-                   help="settings preset, PROTOCOLS at the top of this file (default: %(default)s)")
-    p.add_argument("--out", default="runs/study", help="study folder (default: %(default)s)")
+    p.add_argument("--protocol", choices=[*sorted(PROTOCOLS), "few-label"], default="cpu",
+                   help="settings preset, PROTOCOLS at the top of this file; few-label: the few-label study "
+                        "(benchmarks/few_label.py, its FEW_LABEL settings) (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="study folder (default: runs/study; runs/few_label for --protocol few-label)")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="pretraining data: a torchvision dataset, fetched into --data-dir when missing and written "
                         "once as an ImageFolder tree of PNGs under <out>/data (the subsets are made from it), or "
@@ -195,7 +197,8 @@ def get_args_parser():
                         "fetched into --data-dir; or e.g. --transfer-dataset cifar100 --transfer-data-dir data)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch missing datasets (torchvision's, the Tiny ImageNet archive) (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all five")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="default: all five (few-label: simclr swav)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
     p.add_argument("--no-unseen", action="store_true",
                    help="skip the five-class pretrainings and the unseen-classes columns (a third of the cost)")
@@ -217,6 +220,21 @@ def get_args_parser():
                        ("finetune-lr", float), ("transfer-finetune-epochs", int)):
         g.add_argument(f"--{flag}", type=kind, default=None, choices=sorted(vit.ARCHS) if flag == "arch" else None,
                        help="default: the protocol's" + notes.get(flag, ""))
+    g = p.add_argument_group("the few-label protocol (--protocol few-label; its defaults: few_label.FEW_LABEL)")
+    g.add_argument("--labels", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="N,N",
+                   help="the label counts, e.g. 500,5000 (default: the protocol's)")
+    g.add_argument("--search-epochs", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="E,E,E",
+                   help="the recipe search's epoch grid for every label count (default: the protocol's)")
+    g.add_argument("--search-lrs", type=lambda t: [float(x) for x in t.split(",")], default=None, metavar="LR,LR",
+                   help="the recipe search's lr grid, per 256 images (default: the protocol's)")
+    g.add_argument("--search-batch-size", type=int, default=None, help="the few-label runs' batch (default: the "
+                                                                      "protocol's per label count)")
+    g.add_argument("--full-finetune-epochs", type=int, default=None,
+                   help="fine-tune the pretrained networks on all labels too, for this many epochs (default: 0, off)")
+    g.add_argument("--monitor-val-fraction", type=float, default=None,
+                   help="the pretrainings' k-NN monitor: this fraction of train held out as its queries "
+                        "(default: the protocol's)")
+    g.add_argument("--no-transfer", action="store_true", help="skip the few-label transfer row")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit; writes nothing")
     p.add_argument("--no-figures", action="store_true", help="results and table only")
     p.add_argument("--docs", action="store_true", help="also copy the figures to docs/ (for the README)")
@@ -665,9 +683,9 @@ def evaluate(plan, model, name, device):
             idx = idx.to(xtr.device)
             sub = eval_linear.linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes, seed=seed)
             row[f"linear_{frac:g}_top1"], row[f"num_{frac:g}"] = sub["top1"], len(idx)
-        row["command_label_subsets"] = (f"eval_linear.linear_probe(seed={seed}) on the train features at "
-                                        f"eval_linear.stratified_split(train labels, F, seed={LABEL_SUBSET_SEED})[1], "
-                                        f"F in {LABEL_FRACTIONS}")
+            # the CLI draws the same labelled images (stratified_split's held-out part) and probes them alone
+            row[f"command_linear_{frac:g}"] = shlex.join(eval_command(plan, model, name) + [
+                "--label-fraction", f"{frac:g}", "--label-seed", str(LABEL_SUBSET_SEED)])
         if model["model"] == "random":  # the k-NN every run's log starts from: its memory bank is the pretraining set
             idx = subset_indices(train_set, model["trees"]["pretrain"]).to(xtr.device)
             row["knn_top1_pretrain_bank"] = eval_linear.knn_accuracy(xtr[idx], ytr[idx], xte, yte, num_classes)[0]
@@ -749,7 +767,8 @@ def cores():
 def cpu_seconds(children=False):
     """User + system CPU time so far of this process and its finished children (data-loading workers), or of the
     finished children only (a training script run by subprocess, with its own workers): deltas of it are the CPU
-    a piece of work cost, which a shared machine does not inflate as it does the wall-clock."""
+    a piece of work cost, which a shared machine inflates far less than the wall-clock (torch's threads still spin
+    while they wait for a core)."""
     try:
         import resource  # Unix
     except ImportError:
@@ -824,7 +843,7 @@ def idle(row):
 def cost_cell(latest, model, key):
     """A cost column's cell: wall-clock and images/s averaged over the model's idle training runs (all of them,
     marked 'busy', where none was idle); CPU time over every run that trained from the start (a resumed run's
-    covers its last part only), since another job barely changes it."""
+    covers its last part only), which another job inflates far less than the wall-clock."""
     runs = [r for (k, _, _), r in latest.items() if k == "pretrain" and r["model"] == model and r["part"] == "main"]
     if key == "cpu_seconds":
         v = [r["cpu_seconds"] for r in runs if r.get("cpu_seconds") is not None and not r.get("resumed")]
@@ -1102,7 +1121,8 @@ def write_table(plan, rows, argv):
         f"T=0.07; linear: eval_linear's probe (100 epochs, SGD lr 0.1, cosine, standardized features).",
         f"- **1% / 10% labels** (label efficiency): the same probe trained on a fixed stratified 1% / 10% of the "
         f"train labels ({size('cifar10', 'num_0.01')} / {size('cifar10', 'num_0.1')} images, "
-        f"eval_linear.stratified_split seed {LABEL_SUBSET_SEED}), the same test images.",
+        f"eval_linear.stratified_split seed {LABEL_SUBSET_SEED}: `eval_linear.py ... --label-fraction 0.01 "
+        f"--label-seed {LABEL_SUBSET_SEED}`), the same test images.",
     ]
     if not plan["no_unseen"]:
         lines.append(
@@ -1136,8 +1156,9 @@ def write_table(plan, rows, argv):
         "the machine to themselves (5-minute load average as the run ended at most the cores + 5%: "
         f"{len([r for r in main_runs if idle(r)])} of {len(main_runs)} runs; 'busy': none was, the cell averages "
         "them all); *CPU time* is the whole command's user + system CPU time, all its processes (start-up, data "
-        "decoding and the k-NN monitor included), which another job on the machine barely changes; runs recorded "
-        "before the study kept it say 'not recorded'. Compare within a column, on the hardware below.",
+        "decoding and the k-NN monitor included), which another job on the machine inflates far less than the "
+        "wall-clock (torch's threads still spin while they wait for a core); runs recorded before the study kept it "
+        "say 'not recorded'. Compare within a column, on the hardware below.",
         "- **Baselines**: *random init* is the same ViT untrained (`eval_linear.py --random-init`, same seed). "
         f"*supervised* is the same ViT trained from random init with the labels of the same images {same} "
         "and batch (`eval_linear.py --random-init --finetune`: AdamW, random-resized-crop + flip, "
@@ -1248,6 +1269,10 @@ def run_study(args, argv, arch, device, docs=False):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    if args.protocol == "few-label":
+        import few_label  # benchmarks/few_label.py, beside this file
+        return few_label.run(args, argv, eval_linear.resolve_device(args.device or "auto"))
+    args.out, args.methods = args.out or "runs/study", args.methods or METHODS
     archs = resolve_cfg(args)["archs"]
     device = eval_linear.resolve_device(args.device or "auto")
     tables, failed = {}, []

@@ -158,7 +158,8 @@ def test_numbers_are_eval_linears(done):
     """Catches a study whose in-process evaluation drifts from eval_linear's CLI (another normalization, image
     size, k-NN setting, probe or fine-tuning seed, lr or epochs): the row's recorded command must print the same
     k-NN and linear top-1, or the same fine-tune top-1. On the transfer rows (small, and where the pretraining
-    normalization matters), a method's and random init's; a method's fine-tune on its pretraining images."""
+    normalization matters), a method's and random init's; a method's fine-tune on its pretraining images; and a
+    method's 10%-labels probe (its --label-fraction command)."""
     rows = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl")) if r["kind"] == "eval" and (
         r["eval"], r["run"]) in {("transfer", "byol_s0"), ("transfer", "random_s0"), ("finetune", "simclr_s0"),
                                  ("finetune_transfer", "random_s0")}]
@@ -175,6 +176,16 @@ def test_numbers_are_eval_linears(done):
             assert cli["finetune_top1"] == pytest.approx(r["finetune_top1"], abs=1e-6), r["command"]
         else:
             assert (cli["knn_top1"], cli["linear_top1"]) == pytest.approx((r["knn_top1"], r["linear_top1"]), abs=1e-6)
+    # the 10% labels column: eval_linear --label-fraction draws the same labelled images and probes them alone
+    (r,) = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl")) if r.get("eval") == "cifar10" and
+            r["run"] == "simclr_s0"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        (cli,) = eval_linear.main(shlex.split(r["command_linear_0.1"])[2:] + ["--workers", "0"])
+    finally:
+        os.chdir(cwd)
+    assert (cli["num_train"], cli["linear_top1"]) == (r["num_0.1"], pytest.approx(r["linear_0.1_top1"], abs=1e-6))
 
 
 @pytest.mark.needs_simclr_aug
@@ -728,3 +739,166 @@ def test_tinyimagenet20_is_built_from_the_archive_exactly_as_listed(tmp_path):
         tinyimagenet20.build(str(tmp_path / "t3"), download=False, archive_dir=str(tmp_path / "empty"))
     assert "\n" not in str(e.value)
 
+
+
+# ---- the few-label protocol (benchmarks/few_label.py, `study.py --protocol few-label`) ----
+
+import few_label  # noqa: E402  (benchmarks/, on the path above)
+
+# One pretraining (SimCLR, 1 epoch of the sample at 16 px), 50 labels (5 a class), 2 seeds, the recipe search cut to
+# one lr and one epoch count (its three augmentations for supervised), batch 16, no transfer row.
+FEW = ["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--arch", "vit_mini", "--patch-size",
+       "8", "--img-size", "16", "--epochs", "1", "--batch-size", "64", "--workers", "0", "--knn-every", "1",
+       "--seeds", "2", "--methods", "simclr", "--labels", "50", "--search-epochs", "1", "--search-lrs", "1e-3",
+       "--search-batch-size", "16", "--supervised-epochs", "1", "--monitor-val-fraction", "0.2", "--no-transfer",
+       "--no-figures"]
+
+
+def test_labelled_images_are_stratified_drawn_per_seed_and_apart_from_their_validation_split():
+    """Catches a labelled draw that is not stratified, is the same for every seed (the seeds' spread would hide
+    the draw's luck), is not the one `eval_linear.py --label-fraction F --label-seed s` draws (the rows' commands
+    would not reproduce), or a validation split for the recipe search that overlaps the images it trains on or
+    reaches outside the labelled images."""
+    labels = eval_linear.labels_of(data.build_dataset("folder", SAMPLE, "train"))  # 100 of each of 10 classes
+    draws = [few_label.label_draw(labels, 50, seed) for seed in (0, 1)]
+    for d in draws:
+        assert len(d) == 50 and torch.bincount(torch.tensor(labels)[d]).tolist() == [5] * 10
+    assert set(draws[0].tolist()) != set(draws[1].tolist())
+    assert torch.equal(draws[0], few_label.label_draw(labels, 50, 0))
+    assert torch.equal(draws[1], eval_linear.stratified_split(labels, 0.05, 1)[1])  # --label-fraction 0.05 --label-seed 1
+    train, val = few_label.search_split(labels, draws[0], 0.2, seed=0)
+    assert set(train.tolist()).isdisjoint(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(
+        draws[0].tolist())
+    assert torch.bincount(torch.tensor(labels)[val]).tolist() == [1] * 10  # 20% of each class's 5
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    """One complete few-label study on the sample, with every network's training recorded: the backbone it started
+    from and the train-split indices of the images (and labels) it trained on."""
+    out = str(tmp_path_factory.mktemp("few") / "out")
+    calls, real = [], few_label.train_eval
+
+    def recording(backbone, aug_set, *args, **kwargs):
+        calls.append({"start": {k: v.clone() for k, v in backbone.state_dict().items()},
+                      "images": {int(i) for i in data._base(aug_set)[1]}})
+        return real(backbone, aug_set, *args, **kwargs)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(few_label, "train_eval", recording)
+    try:
+        table = study.main([*FEW, "--out", out])
+    finally:
+        mp.undo()
+    rows = read_jsonl(os.path.join(out, "results.jsonl"))
+    trained = [r for r in rows if r.get("stage") in ("search", "final")]  # written in the order they trained
+    assert len(trained) == len(calls)
+    return {"out": out, "table": table, "rows": rows, "runs": list(zip(trained, calls))}
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_supervised_never_sees_an_unlabelled_images_label(few):
+    """Catches a supervised-from-scratch run (the baseline the pretraining must beat) trained on images outside
+    its seed's labelled draw, or a recipe search whose training images include its validation images: every
+    supervised run's training images, against the draw and split recomputed here."""
+    labels = eval_linear.labels_of(data.build_dataset("folder", SAMPLE, "train"))
+    supervised = [(r, c) for r, c in few["runs"] if r["trainer"] == "supervised"]
+    assert {(r["stage"], r["task"], r["seed"]) for r, _ in supervised} == {
+        ("search", "50", 0), ("final", "50", 0), ("final", "50", 1), ("final", "cifar10", 0)}
+    for r, c in supervised:
+        if r["task"] == "cifar10":  # the all-label reference line
+            assert c["images"] == set(range(len(labels)))
+            continue
+        drawn = set(few_label.label_draw(labels, 50, r["seed"]).tolist())
+        if r["stage"] == "search":
+            train, val = few_label.search_split(labels, sorted(drawn), 0.2, 0)
+            assert c["images"] == set(train.tolist()) and c["images"].isdisjoint(val.tolist()), r["key"]
+            assert r["num_eval"] == len(val) == 10
+        else:
+            assert c["images"] == drawn, r["key"]
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_finetune_starts_from_the_pretrained_weights(few):
+    """Catches a 'self-supervised + fine-tune' cell whose network starts from random init (or another network)
+    instead of the pretraining's checkpoint, and a supervised run that starts from the pretrained weights."""
+    ckpt = torch.load(os.path.join(few["out"], "runs", "simclr_hour", "checkpoint.pt"), weights_only=True)["backbone"]
+    tuned = [(r, c) for r, c in few["runs"] if r["trainer"] == "simclr"]
+    assert {(r["stage"], r["seed"]) for r, _ in tuned} == {("search", 0), ("final", 0), ("final", 1)}
+    for r, c in tuned:
+        assert c["start"].keys() == ckpt.keys() and all(torch.equal(c["start"][k], ckpt[k]) for k in ckpt), r["key"]
+        assert r["ckpt"].endswith(os.path.join("simclr_hour", "checkpoint.pt"))
+    for r, c in few["runs"]:
+        if r["trainer"] == "supervised":
+            assert not torch.equal(c["start"]["blocks.0.attn.qkv.weight"], ckpt["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_table_has_every_cell_and_a_rerun_trains_nothing(few, capsys):
+    """Catches a few-label table with an empty cell, a cost that is not pretraining + fine-tune, a row without the
+    command that reproduces it, or a second invocation that trains or evaluates again (the study resumes)."""
+    lines = [s for s in few["table"].splitlines() if s.startswith("| ")]
+    assert lines[0] == "| labels | supervised from scratch | SimCLR + k-NN | SimCLR + probe | SimCLR + fine-tune |"
+    row50, full = ([c.strip() for c in s.strip("|").split("|")] for s in lines[2:4])
+    assert row50[0] == "50 (5%)" and all(" ± " in c and c.endswith(" h") for c in row50[1:]), row50
+    assert full[0] == "1,000 (all)" and full[-1] == "not run" and all(c.endswith(" h") for c in full[1:-1])
+    rows = few["rows"]
+    pre = next(r for r in rows if r["key"] == "pretrain:simclr")
+    assert pre["cpu_seconds"] > 0.5 and pre["command"].startswith("python simclr.py ") and "--val-fraction 0.2" in \
+        pre["command"]
+    tuned = [r for r in rows if r.get("stage") == "final" and r["trainer"] == "simclr"]
+    hours = (pre["cpu_seconds"] + sum(r["cpu_seconds"] for r in tuned) / len(tuned)) / 3600
+    assert row50[-1].endswith(f" · {hours:.2f} h")
+    for r in rows:
+        if r.get("stage") in ("search", "final", "frozen"):
+            assert r["command"].startswith("python eval_linear.py "), r
+    assert "- **Recipes**" in few["table"] and "supervised on 50: lr 0.001 per 256" in few["table"]
+    assert any(r.get("monitor_knn") is not None for r in rows if r.get("stage") == "search")  # the curve's points
+    capsys.readouterr()
+    calls = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(few_label, "train_eval", lambda *a, **k: calls.append(a))
+    try:
+        again = study.main([*FEW, "--out", few["out"]])
+    finally:
+        mp.undo()
+    assert calls == [] and again == few["table"] and len(read_jsonl(os.path.join(few["out"], "results.jsonl"))) == len(rows)
+    assert "simclr_hour: complete" in capsys.readouterr().out
+
+
+def test_few_label_dry_run_lists_every_network_and_writes_nothing(tmp_path, capsys):
+    """Catches a few-label dry run that leaves out a pretraining, the all-label line, a search's grid, a label
+    count's seeds or the transfer row, or that writes anything."""
+    transfer = small_folder(tmp_path / "transfer", train_per_class=20, test_per_class=10)
+    out = tmp_path / "dry"
+    study.main(["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--transfer-data-dir",
+                transfer, "--out", str(out), "--labels", "100,500", "--dry-run"])  # (the sample has 1,000 labels)
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    cfg = few_label.FEW_LABEL
+    for m in cfg["methods"]:
+        assert f"[study] {m}_hour: python {m}.py --dataset folder" in printed
+        assert f"--epochs {cfg['hour_epochs'][m]} " in printed and "--val-fraction 0.1 " in printed
+    assert f"final:supervised:cifar10:s0:lr0.001:default:ep{cfg['full_label_epochs']}: python eval_linear.py " \
+           "--random-init" in printed
+    for n in (100, 500):
+        grid = cfg["search"]["500"]  # a label count the protocol does not name takes the grid of its 500
+        mid = grid["epochs"][len(grid["epochs"]) // 2]
+        for trainer in ["supervised", *cfg["methods"]]:
+            for lr in cfg["lrs"]:
+                assert f"search:{trainer}:{n}:s0:lr{lr:g}:default:ep{mid}: python eval_linear.py " in printed
+            for seed in range(cfg["seeds"]):
+                assert f"final:{trainer}:{n}:s{seed}: the searched recipe" in printed
+        for m in cfg["methods"]:
+            for seed in range(cfg["seeds"]):
+                assert f"frozen:{m}:{n}:s{seed}: python eval_linear.py --ckpt " in printed
+    assert "--label-fraction 0.5 --label-seed 0 --val-fraction 0.2 " in printed  # 500 of the 1,000
+    with pytest.raises(SystemExit, match="--labels 500,5000: each between 0 and the 1,000 train images"):
+        study.main(["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--no-transfer",
+                    "--out", str(out), "--dry-run"])
+    assert "search:supervised:transfer:s0:lr0.001:default:ep30: python eval_linear.py --random-init" in printed
