@@ -173,24 +173,6 @@ def make_plan(args, cfg):
                 pretrainings=pretrainings, device=args.device)
 
 
-# ---- one run: a network and a new head trained end to end, scored on validation or test ----
-
-def train_eval(backbone, aug_set, eval_set, spec, mean_std, epochs, lr, batch_size, workers, seed, device):
-    """eval_linear.finetune of `backbone` + a linear head on `aug_set` (augmented by `spec`), top-1 on `eval_set`,
-    with the loaders, seeds and order of calls of `eval_linear.py ... --finetune` (so its CLI trains the same
-    network where `spec` is the default). lr per 256 images. Returns dict(top1, net, seconds, cpu_seconds,
-    images_per_epoch: trained on, the loader dropping the last partial batch)."""
-    size = backbone.kwargs["img_size"]
-    aug = data.build_train_loader(aug_set, [spec(size)], *mean_std, batch_size, workers, device, seed=seed)
-    evaluation = data.build_eval_loader(eval_set, size, *mean_std, batch_size, workers)
-    torch.manual_seed(seed)
-    t0, c0 = time.time(), study.cpu_seconds()
-    result, net = eval_linear.finetune(backbone, aug, evaluation, data.num_classes(data._base(aug_set)[0]), epochs,
-                                       lr * batch_size / 256, device)
-    return dict(top1=result["top1"], net=net, seconds=time.time() - t0, cpu_seconds=study.cpu_seconds() - c0,
-                images_per_epoch=len(aug) * batch_size)
-
-
 class Study:
     """The state of one few-label study: its plan, its results rows (kept as they come), the data."""
 
@@ -287,7 +269,7 @@ class Study:
             fit, evaluation = labelled, self.dataset(task, "test")[0]
         aug_set = Subset(data.build_dataset("folder", self.root(task), "train"), fit.tolist())  # its own transform
         backbone, mean_std, _ = self.backbone(trainer, seed)
-        out = train_eval(backbone, aug_set, evaluation, AUGS[recipe["aug"]], mean_std, recipe["epochs"],
+        out = study.train_eval(backbone, aug_set, evaluation, AUGS[recipe["aug"]], mean_std, recipe["epochs"],
                          recipe["lr"], recipe["batch_size"], self.cfg["workers"], seed, self.device)
         row = dict(key=key, stage=stage, trainer=trainer, task=task, seed=seed, labels=n, **recipe,
                    num_train=len(fit), num_eval=len(evaluation), top1=out["top1"], seconds=round(out["seconds"], 1),

@@ -524,25 +524,35 @@ def supervised_command(model, cfg):
             "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]), "--seed", str(model["seed"])]
 
 
-def run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, seed, device, download=True):
-    """eval_linear.finetune of `backbone` + a linear head on the train split (augmented), top-1 on the test split:
-    the same seeds, loaders and order of calls as `eval_linear.py ... --finetune` (so its CLI trains the same
-    network). Returns dict(result, net: the fine-tuned nn.Sequential(backbone, head), seconds and cpu_seconds
-    (wall-clock and CPU time of the training and its one pass over the test split), images_per_epoch (trained on:
-    the loader drops the last partial batch), num_classes, num_test)."""
+def train_eval(backbone, aug_set, eval_set, spec, mean_std, epochs, lr, batch_size, workers, seed, device,
+               eval_batch_size=None):
+    """eval_linear.finetune of `backbone` + a linear head on `aug_set` (a train split, or a Subset of one: its views
+    by `spec`, a function of the image side giving a data.ViewSpec), top-1 on `eval_set`: the same seeds, loaders and
+    order of calls as `eval_linear.py ... --finetune` (so its CLI trains the same network where `spec` is
+    data.finetune_spec). lr per 256 images; the evaluation batch is eval_batch_size, else batch_size (the CLI's).
+    Returns dict(top1, top5, net: the fine-tuned nn.Sequential(backbone, head), seconds and cpu_seconds (wall-clock
+    and CPU time of the training and its one pass over eval_set), images_per_epoch (trained on: the loader drops
+    the last partial batch))."""
     size = backbone.kwargs["img_size"]
-    aug_set = data.build_dataset(dataset, data_dir, "train", download=download)
-    test_set = data.build_dataset(dataset, data_dir, "test", download=download)
-    aug = data.build_train_loader(aug_set, [data.finetune_spec(size)], *mean_std, cfg["batch_size"], cfg["workers"],
-                                  device, seed=seed)  # eval_linear's --aug auto: batched where it fits
-    test = data.build_eval_loader(test_set, size, *mean_std, 256, cfg["workers"])
-    lr = cfg["finetune_lr"] * cfg["batch_size"] / 256  # per 256 images, scaled by the batch as the CLI scales it
+    aug = data.build_train_loader(aug_set, [spec(size)], *mean_std, batch_size, workers, device, seed=seed)
+    evaluation = data.build_eval_loader(eval_set, size, *mean_std, eval_batch_size or batch_size, workers)
     torch.manual_seed(seed)
     t0, c0 = time.time(), cpu_seconds()
-    result, net = eval_linear.finetune(backbone, aug, test, data.num_classes(aug_set), epochs, lr, device)
-    return dict(result=result, net=net, seconds=time.time() - t0, cpu_seconds=cpu_seconds() - c0,
-                images_per_epoch=len(aug) * cfg["batch_size"], num_classes=data.num_classes(aug_set),
-                num_test=len(test_set))
+    result, net = eval_linear.finetune(backbone, aug, evaluation, data.num_classes(data._base(aug_set)[0]), epochs,
+                                       lr * batch_size / 256, device)  # scaled by the batch as the CLI scales it
+    return dict(top1=result["top1"], top5=result["top5"], net=net, seconds=time.time() - t0,
+                cpu_seconds=cpu_seconds() - c0, images_per_epoch=len(aug) * batch_size)
+
+
+def run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, seed, device, download=True):
+    """train_eval on a dataset's whole train split (eval_linear's fine-tuning views), top-1 on its test split, at
+    the protocol's lr, batch and workers (the test split read 256 at a time). Returns train_eval's dict with
+    num_classes and num_test."""
+    aug_set = data.build_dataset(dataset, data_dir, "train", download=download)
+    test_set = data.build_dataset(dataset, data_dir, "test", download=download)
+    run = train_eval(backbone, aug_set, test_set, data.finetune_spec, mean_std, epochs, cfg["finetune_lr"],
+                     cfg["batch_size"], cfg["workers"], seed, device, eval_batch_size=256)
+    return {**run, "num_classes": data.num_classes(aug_set), "num_test": len(test_set)}
 
 
 def supervised(model, cfg, device, dry_run):
@@ -565,14 +575,14 @@ def supervised(model, cfg, device, dry_run):
     backbone = vit.ARCHS[cfg["arch"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
     run = run_finetune(backbone, "folder", model["data_dir"], data.MEAN_STD["folder"], cfg["supervised_epochs"], cfg,
                        model["seed"], device)
-    result, net, seconds = run["result"], run["net"], run["seconds"]
+    net, seconds = run["net"], run["seconds"]
     net[0].cpu()
     save_baseline(model["ckpt"], net[0], "supervised", cfg["supervised_epochs"],
                   {"dataset": "folder", "data_dir": model["data_dir"], "arch": cfg["arch"],
                    "patch_size": cfg["patch_size"], "img_size": cfg["img_size"], "epochs": cfg["supervised_epochs"],
                    "batch_size": cfg["batch_size"], "lr": cfg["finetune_lr"] * cfg["batch_size"] / 256,
                    "seed": model["seed"]},
-                  head=net[1].state_dict(), finetune_top1=result["top1"], finetune_top5=result["top5"],
+                  head=net[1].state_dict(), finetune_top1=run["top1"], finetune_top5=run["top5"],
                   seconds=seconds, cpu_seconds=run["cpu_seconds"],
                   img_per_s=run["images_per_epoch"] * cfg["supervised_epochs"] / seconds)
     return True
@@ -630,16 +640,16 @@ def finetune_eval(plan, model, name, device):
     epochs = finetune_epochs(plan, name)
     run = run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, model["seed"], device,
                        plan["transfer"]["download"])
-    result, seconds = run["result"], run["seconds"]
+    seconds = run["seconds"]
     row = dict(kind="eval", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
                eval=name, eval_data=label, dataset=dataset, data_dir=data_dir, num_classes=run["num_classes"],
                images_per_epoch=run["images_per_epoch"], num_test=run["num_test"], img_size=backbone.kwargs["img_size"],
-               finetune_top1=result["top1"], finetune_top5=result["top5"], finetune_epochs=epochs,
+               finetune_top1=run["top1"], finetune_top5=run["top5"], finetune_epochs=epochs,
                finetune_lr=cfg["finetune_lr"], seconds=round(seconds, 1), cpu_seconds=round(run["cpu_seconds"], 1),
                cpu=cpu_model(), device=str(device), ckpt=model["ckpt"],
                ckpt_epoch=meta["epoch"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
                command=shlex.join(eval_command(plan, model, name)), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    print(f"[study] {model['name']} fine-tuned on {label}: {result['top1']:.2f} [{seconds:.0f} s]", flush=True)
+    print(f"[study] {model['name']} fine-tuned on {label}: {run['top1']:.2f} [{seconds:.0f} s]", flush=True)
     return row
 
 

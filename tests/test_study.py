@@ -778,14 +778,14 @@ def few(tmp_path_factory):
     """One complete few-label study on the sample, with every network's training recorded: the backbone it started
     from and the train-split indices of the images (and labels) it trained on."""
     out = str(tmp_path_factory.mktemp("few") / "out")
-    calls, real = [], few_label.train_eval
+    calls, real = [], study.train_eval
 
     def recording(backbone, aug_set, *args, **kwargs):
         calls.append({"start": {k: v.clone() for k, v in backbone.state_dict().items()},
                       "images": {int(i) for i in data._base(aug_set)[1]}})
         return real(backbone, aug_set, *args, **kwargs)
     mp = pytest.MonkeyPatch()
-    mp.setattr(few_label, "train_eval", recording)
+    mp.setattr(study, "train_eval", recording)
     try:
         table = study.main([*FEW, "--out", out])
     finally:
@@ -863,7 +863,7 @@ def test_few_label_table_has_every_cell_and_a_rerun_trains_nothing(few, capsys):
     capsys.readouterr()
     calls = []
     mp = pytest.MonkeyPatch()
-    mp.setattr(few_label, "train_eval", lambda *a, **k: calls.append(a))
+    mp.setattr(study, "train_eval", lambda *a, **k: calls.append(a))
     try:
         again = study.main([*FEW, "--out", few["out"]])
     finally:
