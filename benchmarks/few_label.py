@@ -86,7 +86,15 @@ AUGS = {  # the supervised recipe's augmentation strengths (ViewSpecs, both augm
 
 
 def resolve(args):
-    """FEW_LABEL with the command line's overrides."""
+    """FEW_LABEL with the command line's overrides; a one-line error for the study's flags that do not apply."""
+    unused = [flag for flag, value in (("--no-unseen", args.no_unseen), ("--no-finetune", args.no_finetune),
+                                       ("--subset-per-class", args.subset_per_class),
+                                       ("--unseen-seeds", args.unseen_seeds), ("--finetune-lr", args.finetune_lr),
+                                       ("--transfer-finetune-epochs", args.transfer_finetune_epochs))
+              if value not in (None, False)]
+    if unused:
+        raise SystemExit(f"{', '.join(unused)}: not a setting of --protocol few-label (its own: --labels, "
+                         f"--search-epochs, --search-lrs, --search-batch-size, --full-finetune-epochs)")
     cfg = json.loads(json.dumps(FEW_LABEL))
     cfg["arch"], cfg["patch_size"] = study.split_arch(args.archs or cfg["arch"])
     for k in ("img_size", "batch_size", "warmup_epochs", "workers", "seeds", "knn_every"):

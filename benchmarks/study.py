@@ -10,6 +10,9 @@ transfer, against which baselines, at what cost, and which of its differences ar
     python benchmarks/study.py --protocol gpu-quick    # the gpu protocol cut down to minutes (a first look)
     python benchmarks/study.py --protocol cpu --seeds 1      # one seed, about 1.5 hours
     python benchmarks/study.py --protocol cpu --dry-run      # print every command, run nothing
+    python benchmarks/study.py --protocol few-label          # the few-label study: 500 / 5,000 labels, supervised
+                                                       # from scratch against an hour of SimCLR / SwAV + fine-tune
+                                                       # (benchmarks/few_label.py has its protocol), about 6 hours
     python benchmarks/plots.py runs/study --docs       # the figures again, from a finished study folder
 
 SimCLR, MoCo v3, BYOL, SwAV and DINO pretrain the same backbone on the same images for the same epochs and batch,

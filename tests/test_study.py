@@ -899,6 +899,8 @@ def test_few_label_dry_run_lists_every_network_and_writes_nothing(tmp_path, caps
             for seed in range(cfg["seeds"]):
                 assert f"frozen:{m}:{n}:s{seed}: python eval_linear.py --ckpt " in printed
     assert "--label-fraction 0.5 --label-seed 0 --val-fraction 0.2 " in printed  # 500 of the 1,000
+    with pytest.raises(SystemExit, match="--finetune-lr: not a setting of --protocol few-label"):
+        study.main(["--protocol", "few-label", "--finetune-lr", "1e-3", "--dry-run"])
     with pytest.raises(SystemExit, match="--labels 500,5000: each between 0 and the 1,000 train images"):
         study.main(["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--no-transfer",
                     "--out", str(out), "--dry-run"])
