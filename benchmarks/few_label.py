@@ -61,9 +61,10 @@ import vit
 FEW_LABEL = dict(
     arch="vit_mini/8", img_size=32, batch_size=256, warmup_epochs=1, workers=1, seeds=3,
     methods=["simclr", "swav"],
-    # an hour of training each on the 2-core CPU: SimCLR's 18 epochs were measured (60.5 min, docs/study.md);
-    # SwAV's epoch cost 1.09 x SimCLR's on the study's idle seeds (204 s against 187 s per 50,000 images)
-    hour_epochs={"simclr": 18, "swav": 16, "moco": 10, "byol": 14, "dino": 12},
+    # an hour of training each on the 2-core CPU: SimCLR's 18 epochs were measured (60.5 min, docs/study.md: 202 s
+    # an epoch); the others scaled by their epoch cost against SimCLR's on the study's idle seeds (seeds 1-2 of
+    # docs/study_results.jsonl, s per 50,000 images: SimCLR 187, SwAV 204, BYOL 256, DINO 292, MoCo v3 352)
+    hour_epochs={"simclr": 18, "swav": 16, "moco": 9, "byol": 13, "dino": 11},
     knn_every=3, monitor_val_fraction=0.1,     # the pretrainings' k-NN monitor: 10% of train held out as queries
     labels=[500, 5000],
     full_label_epochs=44, full_label_lr=1e-3,  # all 50,000 labels: the one-hour supervised run (docs/study.md)
