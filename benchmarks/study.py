@@ -801,6 +801,16 @@ def hardware(device=None):
     return line + f"; torch {torch.__version__}"
 
 
+def hardware_line(trained, device=None):
+    """'Hardware, as each training run recorded it: <hardware> (n runs); ...' from the training rows: the machines
+    they ran on, not the one re-tabulating them (this one's only where there is no row)."""
+    machines = {}
+    for r in trained:
+        machines[r.get("hardware", "not recorded")] = machines.get(r.get("hardware", "not recorded"), 0) + 1
+    return "Hardware, as each training run recorded it: " + ("; ".join(
+        f"{h} ({plural(n, 'run')})" for h, n in machines.items()) if machines else hardware(device))
+
+
 def mean_std(values):
     """'44.4' for one value, '44.4 ± 0.3' (sample std) for several, '-' for none."""
     values = [v for v in values if v is not None]
@@ -1111,9 +1121,6 @@ def write_table(plan, rows, argv):
     trained = [r for (k, _, _), r in latest.items() if k == "pretrain"]
     loads = [r["load_avg"] for r in trained if r.get("load_avg") is not None]
     main_runs = [r for r in trained if r["part"] == "main"]
-    machines = {}  # the hardware each training run recorded, as it ran (not this machine's, re-tabulating)
-    for r in trained:
-        machines[r.get("hardware", "not recorded")] = machines.get(r.get("hardware", "not recorded"), 0) + 1
     own = [r.get("finetune_top1") for (k, _, e), r in latest.items()
            if k == "eval" and e == "cifar10" and r["model"] == "supervised"]
     images = plan["num_images"]["pretrain"]
@@ -1184,9 +1191,7 @@ def write_table(plan, rows, argv):
     lines += [
         "",
         f"Command: `{study_command(argv)}`",
-        "Hardware, as each training run recorded it: "
-        + ("; ".join(f"{h} ({plural(n, 'run')})" for h, n in machines.items()) if machines
-           else hardware(plan["device"]))
+        hardware_line(trained, plan["device"])
         + (f"; 5-minute load average as each pretraining ended: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
         + ".",
     ]
