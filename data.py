@@ -179,6 +179,7 @@ positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number"
 nonneg_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 probability = _checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 fraction = _checked(float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (0 and 1 excluded)")
+label_fraction = _checked(float, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1")  # 1: every label
 holdout_fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction from 0 to 1 (1 excluded)")  # 0: none held out
 epoch_count = int_range(1, 100_000)    # epochs to train: a typo's 1000000000 would run for ever, not fail
 seed_int = int_range(0, 2 ** 32 - 1)   # the views hash it modulo 2**32 (uniforms): a larger one repeats a smaller one's

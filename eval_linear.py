@@ -513,6 +513,13 @@ def get_args_parser():
                    help="how fine-tuning's views are made, as in the training scripts: batched on the device from "
                         "the train split decoded once, or pil in --workers processes; auto: batched where it fits "
                         "(default: %(default)s)")
+    g.add_argument("--label-fraction", type=data.label_fraction, default=None, metavar="F",
+                   help="the few-label case: k-NN, probe and fine-tuning see the labels of a stratified fraction F "
+                        "of the train split only (F of every class, drawn with --label-seed: "
+                        "stratified_split(labels, F)'s held-out part); --val-fraction then carves its validation "
+                        "images out of these (default: every train label)")
+    g.add_argument("--label-seed", type=data.seed_int, default=None,
+                   help="seed of the --label-fraction draw (default: --seed)")
     g.add_argument("--val-fraction", type=data.fraction, default=None, metavar="F",
                    help="hold out a fraction F of every class of the train split (--seed) and report accuracy on "
                         "it instead of the test split: choose probe or fine-tuning settings with this, then "
@@ -607,8 +614,10 @@ def main(argv=None):
         raise SystemExit("which data? give --dataset (and --data-dir); no checkpoint names its pretraining data")
     if data_dir is None and dataset == "folder":
         raise SystemExit("--dataset folder needs --data-dir <dir with train/<class>/*.jpg and test/<class>/*.jpg>")
+    label_seed = args.seed if args.label_seed is None else args.label_seed
     data_dir = data_dir or "data"  # torchvision's datasets: where --download puts them
     eval_data = f"folder:{os.path.basename(os.path.normpath(data_dir))}" if dataset == "folder" else dataset
+    eval_data += f" ({args.label_fraction:g} of the train labels)" if args.label_fraction else ""
     eval_data += f" (val {args.val_fraction:g} of train)" if args.val_fraction else ""
     loaders = {}  # (img_size, normalization) -> (train, test, train-augmented or None, num_classes)
 
@@ -619,8 +628,13 @@ def main(argv=None):
             num_classes = data.num_classes(train_set)
             # fine-tuning's views: batched on the device or PIL in workers (data.build_train_loader, --aug)
             aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None  # its own transform
+            labels = labels_of(train_set)
+            if args.label_fraction:  # the labelled images: every protocol sees these and no other train image
+                _, labelled = stratified_split(labels, args.label_fraction, label_seed)
+                labels = [labels[i] for i in labelled]
+                train_set, aug_set = Subset(train_set, labelled), aug_set and Subset(aug_set, labelled)
             if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
-                train_idx, val_idx = stratified_split(labels_of(train_set), args.val_fraction, args.seed)
+                train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
                 train_set, test_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
                 aug_set = aug_set and Subset(aug_set, train_idx)
             check_labels(data.labels(train_set), data.labels(test_set), f"evaluating on {eval_data}")
@@ -671,7 +685,8 @@ def main(argv=None):
                "dataset": dataset, "data_dir": data_dir,
                "eval_data": eval_data + (" (transfer)" if transfer else ""),
                "transfer": transfer, "img_size": img_size, "normalization": {"mean": list(mean_std[0]), "std": list(mean_std[1])},
-               "val_fraction": args.val_fraction, "num_train": len(train_labels),
+               "val_fraction": args.val_fraction, "label_fraction": args.label_fraction,
+               "label_seed": label_seed if args.label_fraction else None, "num_train": len(train_labels),
                "num_test": len(test_labels), "knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
                "knn_top1": knn_top1, "knn_top5": knn_top5, "linear_top1": probe["top1"],
                "linear_top5": probe["top5"],

@@ -11,6 +11,10 @@
   seeds.png       the headline columns seed by seed, with mean ± std: which differences are larger than the seeds'
                   (from headline.json, which study.py writes; an older study folder has none: skipped)
 
+A few-label study folder (study.py --protocol few-label) has one figure:
+  few_label_curve.png   the learning curve of the hour: the k-NN monitor against CPU minutes, each pretraining's
+                        epochs beside the supervised-on-the-fewest-labels networks of the recipe search
+
 Needs matplotlib (`pip install matplotlib`, in requirements-dev.txt); training and evaluation never do.
 Small PNGs (< 200 KB): low dpi, few images, points rather than markers.
 """
@@ -351,6 +355,76 @@ def read_results(study):
         return [json.loads(s) for s in f if s.strip()]
 
 
+def pretraining_curve(log, row):
+    """[(CPU minutes, k-NN top-1)] of a pretraining: its log's monitor lines (the epoch-0 line: the untrained
+    network, at 0), each epoch placed at the CPU time the run had spent on its epochs so far. The log has each
+    epoch's wall-clock only: the run's CPU time (its results row: the whole command's) is shared out in
+    proportion to wall-clock, cpu_seconds / wall_seconds per training second."""
+    per_second = row["cpu_seconds"] / row["wall_seconds"]
+    points, spent = [], 0.0
+    for r in log:
+        spent += r.get("seconds", 0.0) if r["epoch"] > 0 else 0.0
+        if r.get("knn_top1") is not None:
+            points.append((spent * per_second / 60, r["knn_top1"]))
+    return points
+
+
+def few_label_curve(study_dir, out):
+    """The learning curve of the hour: the training scripts' k-NN monitor (memory bank: train less a held-out
+    fraction of every class; queries: that fraction) against CPU minutes, for each pretraining of a few-label
+    study (pretraining_curve) and for the supervised networks trained from scratch on the fewest labels in its
+    recipe search (each a complete run of its epochs at the recipe the search chose; its CPU time the run's own,
+    x). Where the lines cross, the same CPU buys the pretraining better features. NoFigure without them."""
+    with open(os.path.join(study_dir, "study.json")) as f:
+        plan = json.load(f)
+    rows = [json.loads(s) for s in open(os.path.join(study_dir, "results.jsonl")) if s.strip()] if os.path.exists(
+        os.path.join(study_dir, "results.jsonl")) else []
+    curves = {}
+    for p in plan["pretrainings"]:
+        row = next((r for r in reversed(rows) if r.get("key") == f"pretrain:{p['model']}"), None)
+        log = read_log(p["run_dir"])
+        if row and row.get("cpu_seconds") and row.get("wall_seconds") and log:
+            curves[LABELS[p["model"]]] = (pretraining_curve(log, row), COLOURS.get(p["model"]))
+    n = min(plan["cfg"]["labels"])
+    searched = [r for r in rows if r.get("stage") == "search" and r["trainer"] == "supervised" and
+                r["task"] == str(n) and r.get("monitor_knn") is not None]
+    chosen = next((r for r in reversed(rows) if r.get("key") == f"recipe:supervised:{n}"), None)
+    if searched and chosen:  # the recipe the search chose: its lr and augmentation, at every epoch count it tried
+        pts = sorted((r["cpu_seconds"] / 60, r["monitor_knn"]) for r in searched
+                     if (r["lr"], r["aug"]) == (chosen["lr"], chosen["aug"]))
+        curves[f"supervised on {n:,} labels"] = (pts, "black")
+    if not curves:
+        raise NoFigure("no pretraining log with its CPU time and no supervised search run with the k-NN monitor")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=DPI)
+    for label, (pts, colour) in curves.items():
+        ax.plot(*zip(*pts), marker="o", ms=3, label=label, color=colour)
+    ax.set_xlabel("CPU minutes (user + system, all processes)")
+    ax.set_ylabel("k-NN top-1 (%)")
+    ax.set_title(f"k-NN monitor: {plan['cfg']['monitor_val_fraction']:.0%} of each train class held out as "
+                 f"queries, the rest the memory bank", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def make_few_label_figures(study_dir, docs=False):
+    """few_label_curve.png of a few-label study folder into <study_dir>/figures/ (and docs/study_few_label_curve.png
+    with docs=True); a note where its input is missing. Returns the paths drawn."""
+    pyplot()
+    os.makedirs(os.path.join(study_dir, "figures"), exist_ok=True)
+    path = os.path.join(study_dir, "figures", "few_label_curve.png")
+    try:
+        few_label_curve(study_dir, path)
+    except NoFigure as e:
+        print(f"[plots] few_label_curve.png skipped: {e}")
+        return []
+    if docs:
+        shutil.copy(path, os.path.join(ROOT, "docs", "study_few_label_curve.png"))
+    return [path]
+
+
 def make_figures(study_dir, docs=False):
     """Every figure of a study folder into <study_dir>/figures/ (and docs/ with docs=True), but those whose input the
     folder lacks (NoFigure): a one-line note each instead. Returns the paths of the figures drawn."""
@@ -389,8 +463,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.exists(os.path.join(args.study, "study.json")):
         raise SystemExit(f"{args.study}: no study.json; run benchmarks/study.py --out {args.study} first")
+    with open(os.path.join(args.study, "study.json")) as f:
+        few_label = json.load(f).get("protocol") == "few-label"
     try:
-        return make_figures(args.study, docs=args.docs)
+        return (make_few_label_figures if few_label else make_figures)(args.study, docs=args.docs)
     except NoMatplotlib as e:
         raise SystemExit(str(e)) from None
 

@@ -10,6 +10,9 @@ One command runs it:
     python benchmarks/study.py --protocol gpu-quick    # the gpu protocol cut down to minutes (a first look)
     python benchmarks/study.py --protocol cpu --seeds 1      # one seed, about 1.5 hours
     python benchmarks/study.py --protocol cpu --dry-run      # print every command, run nothing
+    python benchmarks/study.py --protocol few-label          # the few-label study: 500 / 5,000 labels, supervised
+                                                       # from scratch against an hour of SimCLR / SwAV + fine-tune
+                                                       # (benchmarks/few_label.py has its protocol), about 6 hours
     python benchmarks/plots.py runs/study --docs       # the figures again, from a finished study folder
 
 SimCLR, MoCo v3, BYOL, SwAV and DINO pretrain the same backbone on the same images for the same epochs and batch,
@@ -26,8 +29,10 @@ then measured with eval_linear's protocols (weighted k-NN k=20 T=0.07; the linea
     resolution;
   - cost: pretraining wall-clock and images/s on the hardware used.
 Seeds (--seeds N: 0..N-1) change the pretraining, the subset draw and the probe and fine-tuning seeds; the table
-gives mean ± sample std, and its reading claims a difference between two networks only where a paired t-test over
-the seeds rejects 'no difference' at 5% (paired: seed s of every network shares its subset draw).
+gives mean ± sample std, and its reading compares every pair of networks in a headline column by a paired t-test
+over the seeds (paired: seed s of every network shares its subset draw), with Holm's correction over the column's
+pairs, and claims a difference only where the corrected p is below 5% (a compact letter display and one line per
+column; reading()).
 The evaluations run in this process with eval_linear's functions, so the features are extracted once per network
 and data (the CLI would extract them again for every probe); each results row records the eval_linear command
 that reproduces its numbers.
@@ -70,6 +75,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -104,7 +110,8 @@ PROTOCOLS = {
     # README's variants table). Each seed draws its own subset. The unseen-classes pretrainings (a third of the
     # pretraining cost) run for seed 0 only (unseen_seeds). finetune_lr (per 256 images) was chosen on a 10%
     # validation split of the subset's train images, random init and SimCLR alike (docs/study.md); the transfer
-    # fine-tuning sees as many images as a pretraining does (25 epochs of tinyimagenet20's 2,000 = 5 of 10,000).
+    # fine-tuning was sized to see as many images as a pretraining does (25 epochs of tinyimagenet20's 2,000 = 5 of
+    # 10,000), but its loader drops each epoch's last partial batch: 25 x 1,792 = 44,800 images against 49,920.
     "cpu": dict(archs=["vit_mini/8"], img_size=32, subset_per_class=1000, epochs=5, batch_size=256,
                 warmup_epochs=1, knn_every=2, workers=1, seeds=3, unseen_seeds=1, finetune_lr=1e-3,
                 transfer_finetune_epochs=25),
@@ -173,9 +180,11 @@ def method_flags(method, cfg):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
-                   help="settings preset, PROTOCOLS at the top of this file (default: %(default)s)")
-    p.add_argument("--out", default="runs/study", help="study folder (default: %(default)s)")
+    p.add_argument("--protocol", choices=[*sorted(PROTOCOLS), "few-label"], default="cpu",
+                   help="settings preset, PROTOCOLS at the top of this file; few-label: the few-label study "
+                        "(benchmarks/few_label.py, its FEW_LABEL settings) (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="study folder (default: runs/study; runs/few_label for --protocol few-label)")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder"],
                    help="pretraining data: a torchvision dataset, fetched into --data-dir when missing and written "
                         "once as an ImageFolder tree of PNGs under <out>/data (the subsets are made from it), or "
@@ -191,7 +200,8 @@ def get_args_parser():
                         "fetched into --data-dir; or e.g. --transfer-dataset cifar100 --transfer-data-dir data)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch missing datasets (torchvision's, the Tiny ImageNet archive) (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="default: all five")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="default: all five (few-label: simclr swav)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 of every run: mean ± std (default: protocol)")
     p.add_argument("--no-unseen", action="store_true",
                    help="skip the five-class pretrainings and the unseen-classes columns (a third of the cost)")
@@ -213,6 +223,21 @@ def get_args_parser():
                        ("finetune-lr", float), ("transfer-finetune-epochs", int)):
         g.add_argument(f"--{flag}", type=kind, default=None, choices=sorted(vit.ARCHS) if flag == "arch" else None,
                        help="default: the protocol's" + notes.get(flag, ""))
+    g = p.add_argument_group("the few-label protocol (--protocol few-label; its defaults: few_label.FEW_LABEL)")
+    g.add_argument("--labels", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="N,N",
+                   help="the label counts, e.g. 500,5000 (default: the protocol's)")
+    g.add_argument("--search-epochs", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="E,E,E",
+                   help="the recipe search's epoch grid for every label count (default: the protocol's)")
+    g.add_argument("--search-lrs", type=lambda t: [float(x) for x in t.split(",")], default=None, metavar="LR,LR",
+                   help="the recipe search's lr grid, per 256 images (default: the protocol's)")
+    g.add_argument("--search-batch-size", type=int, default=None, help="the few-label runs' batch (default: the "
+                                                                      "protocol's per label count)")
+    g.add_argument("--full-finetune-epochs", type=int, default=None,
+                   help="fine-tune the pretrained networks on all labels too, for this many epochs (default: 0, off)")
+    g.add_argument("--monitor-val-fraction", type=float, default=None,
+                   help="the pretrainings' k-NN monitor: this fraction of train held out as its queries "
+                        "(default: the protocol's)")
+    g.add_argument("--no-transfer", action="store_true", help="skip the few-label transfer row")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit; writes nothing")
     p.add_argument("--no-figures", action="store_true", help="results and table only")
     p.add_argument("--docs", action="store_true", help="also copy the figures to docs/ (for the README)")
@@ -459,10 +484,11 @@ def pretrain(model, cfg, dry_run):
         return False
     if state is None and os.path.exists(os.path.join(model["run_dir"], "log.jsonl")):
         os.remove(os.path.join(model["run_dir"], "log.jsonl"))  # the log of a deleted checkpoint: not this run's
-    t0 = time.time()
+    t0, c0 = time.time(), cpu_seconds(children=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise RuntimeError(f"{model['name']} failed: {command_line(cmd)}")
-    model["wall_seconds"] = time.time() - t0
+    model["wall_seconds"], model["cpu_seconds"] = time.time() - t0, cpu_seconds(children=True) - c0
+    model["resumed"] = state is not None  # then both cover the resumed part only
     return True
 
 
@@ -501,23 +527,35 @@ def supervised_command(model, cfg):
             "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]), "--seed", str(model["seed"])]
 
 
-def run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, seed, device, download=True):
-    """eval_linear.finetune of `backbone` + a linear head on the train split (augmented), top-1 on the test split:
-    the same seeds, loaders and order of calls as `eval_linear.py ... --finetune` (so its CLI trains the same
-    network). Returns (result, the fine-tuned nn.Sequential(backbone, head), seconds, images trained on per
-    epoch, number of classes, test images)."""
+def train_eval(backbone, aug_set, eval_set, spec, mean_std, epochs, lr, batch_size, workers, seed, device,
+               eval_batch_size=None):
+    """eval_linear.finetune of `backbone` + a linear head on `aug_set` (a train split, or a Subset of one: its views
+    by `spec`, a function of the image side giving a data.ViewSpec), top-1 on `eval_set`: the same seeds, loaders and
+    order of calls as `eval_linear.py ... --finetune` (so its CLI trains the same network where `spec` is
+    data.finetune_spec). lr per 256 images; the evaluation batch is eval_batch_size, else batch_size (the CLI's).
+    Returns dict(top1, top5, net: the fine-tuned nn.Sequential(backbone, head), seconds and cpu_seconds (wall-clock
+    and CPU time of the training and its one pass over eval_set), images_per_epoch (trained on: the loader drops
+    the last partial batch))."""
     size = backbone.kwargs["img_size"]
+    aug = data.build_train_loader(aug_set, [spec(size)], *mean_std, batch_size, workers, device, seed=seed)
+    evaluation = data.build_eval_loader(eval_set, size, *mean_std, eval_batch_size or batch_size, workers)
+    torch.manual_seed(seed)
+    t0, c0 = time.time(), cpu_seconds()
+    result, net = eval_linear.finetune(backbone, aug, evaluation, data.num_classes(data._base(aug_set)[0]), epochs,
+                                       lr * batch_size / 256, device)  # scaled by the batch as the CLI scales it
+    return dict(top1=result["top1"], top5=result["top5"], net=net, seconds=time.time() - t0,
+                cpu_seconds=cpu_seconds() - c0, images_per_epoch=len(aug) * batch_size)
+
+
+def run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, seed, device, download=True):
+    """train_eval on a dataset's whole train split (eval_linear's fine-tuning views), top-1 on its test split, at
+    the protocol's lr, batch and workers (the test split read 256 at a time). Returns train_eval's dict with
+    num_classes and num_test."""
     aug_set = data.build_dataset(dataset, data_dir, "train", download=download)
     test_set = data.build_dataset(dataset, data_dir, "test", download=download)
-    aug = data.build_train_loader(aug_set, [data.finetune_spec(size)], *mean_std, cfg["batch_size"], cfg["workers"],
-                                  device, seed=seed)  # eval_linear's --aug auto: batched where it fits
-    test = data.build_eval_loader(test_set, size, *mean_std, 256, cfg["workers"])
-    lr = cfg["finetune_lr"] * cfg["batch_size"] / 256  # per 256 images, scaled by the batch as the CLI scales it
-    torch.manual_seed(seed)
-    t0 = time.time()
-    result, net = eval_linear.finetune(backbone, aug, test, data.num_classes(aug_set), epochs, lr, device)
-    seconds = time.time() - t0  # includes one pass over the test split
-    return result, net, seconds, len(aug) * cfg["batch_size"], data.num_classes(aug_set), len(test_set)
+    run = train_eval(backbone, aug_set, test_set, data.finetune_spec, mean_std, epochs, cfg["finetune_lr"],
+                     cfg["batch_size"], cfg["workers"], seed, device, eval_batch_size=256)
+    return {**run, "num_classes": data.num_classes(aug_set), "num_test": len(test_set)}
 
 
 def supervised(model, cfg, device, dry_run):
@@ -538,16 +576,18 @@ def supervised(model, cfg, device, dry_run):
         return False
     torch.manual_seed(model["seed"])
     backbone = vit.ARCHS[cfg["arch"]](img_size=cfg["img_size"], patch_size=cfg["patch_size"])
-    result, net, seconds, images, _, _ = run_finetune(backbone, "folder", model["data_dir"], data.MEAN_STD["folder"],
-                                                     cfg["supervised_epochs"], cfg, model["seed"], device)
+    run = run_finetune(backbone, "folder", model["data_dir"], data.MEAN_STD["folder"], cfg["supervised_epochs"], cfg,
+                       model["seed"], device)
+    net, seconds = run["net"], run["seconds"]
     net[0].cpu()
     save_baseline(model["ckpt"], net[0], "supervised", cfg["supervised_epochs"],
                   {"dataset": "folder", "data_dir": model["data_dir"], "arch": cfg["arch"],
                    "patch_size": cfg["patch_size"], "img_size": cfg["img_size"], "epochs": cfg["supervised_epochs"],
                    "batch_size": cfg["batch_size"], "lr": cfg["finetune_lr"] * cfg["batch_size"] / 256,
                    "seed": model["seed"]},
-                  head=net[1].state_dict(), finetune_top1=result["top1"], finetune_top5=result["top5"],
-                  seconds=seconds, img_per_s=images * cfg["supervised_epochs"] / seconds)
+                  head=net[1].state_dict(), finetune_top1=run["top1"], finetune_top5=run["top5"],
+                  seconds=seconds, cpu_seconds=run["cpu_seconds"],
+                  img_per_s=run["images_per_epoch"] * cfg["supervised_epochs"] / seconds)
     return True
 
 
@@ -601,16 +641,18 @@ def finetune_eval(plan, model, name, device):
     backbone, meta = eval_linear.load_backbone(model["ckpt"])
     mean_std = tuple(map(tuple, meta["mean_std"] or data.MEAN_STD[dataset]))
     epochs = finetune_epochs(plan, name)
-    result, _, seconds, images, num_classes, num_test = run_finetune(
-        backbone, dataset, data_dir, mean_std, epochs, cfg, model["seed"], device, plan["transfer"]["download"])
+    run = run_finetune(backbone, dataset, data_dir, mean_std, epochs, cfg, model["seed"], device,
+                       plan["transfer"]["download"])
+    seconds = run["seconds"]
     row = dict(kind="eval", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
-               eval=name, eval_data=label, dataset=dataset, data_dir=data_dir, num_classes=num_classes,
-               images_per_epoch=images, num_test=num_test, img_size=backbone.kwargs["img_size"],
-               finetune_top1=result["top1"], finetune_top5=result["top5"], finetune_epochs=epochs,
-               finetune_lr=cfg["finetune_lr"], seconds=round(seconds, 1), device=str(device), ckpt=model["ckpt"],
+               eval=name, eval_data=label, dataset=dataset, data_dir=data_dir, num_classes=run["num_classes"],
+               images_per_epoch=run["images_per_epoch"], num_test=run["num_test"], img_size=backbone.kwargs["img_size"],
+               finetune_top1=run["top1"], finetune_top5=run["top5"], finetune_epochs=epochs,
+               finetune_lr=cfg["finetune_lr"], seconds=round(seconds, 1), cpu_seconds=round(run["cpu_seconds"], 1),
+               cpu=cpu_model(), device=str(device), ckpt=model["ckpt"],
                ckpt_epoch=meta["epoch"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
                command=shlex.join(eval_command(plan, model, name)), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    print(f"[study] {model['name']} fine-tuned on {label}: {result['top1']:.2f} [{seconds:.0f} s]", flush=True)
+    print(f"[study] {model['name']} fine-tuned on {label}: {run['top1']:.2f} [{seconds:.0f} s]", flush=True)
     return row
 
 
@@ -634,7 +676,7 @@ def evaluate(plan, model, name, device):
     train_set = data.build_dataset(dataset, data_dir, "train", download=download)
     test_set = data.build_dataset(dataset, data_dir, "test", download=download)
     num_classes = data.num_classes(train_set)
-    t0 = time.time()
+    t0, c0 = time.time(), cpu_seconds()
     backbone.to(device)
     feats = {}
     for split, ds in (("train", train_set), ("test", test_set)):
@@ -654,9 +696,9 @@ def evaluate(plan, model, name, device):
             idx = idx.to(xtr.device)
             sub = eval_linear.linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes, seed=seed)
             row[f"linear_{frac:g}_top1"], row[f"num_{frac:g}"] = sub["top1"], len(idx)
-        row["command_label_subsets"] = (f"eval_linear.linear_probe(seed={seed}) on the train features at "
-                                        f"eval_linear.stratified_split(train labels, F, seed={LABEL_SUBSET_SEED})[1], "
-                                        f"F in {LABEL_FRACTIONS}")
+            # the CLI draws the same labelled images (stratified_split's held-out part) and probes them alone
+            row[f"command_linear_{frac:g}"] = shlex.join(eval_command(plan, model, name) + [
+                "--label-fraction", f"{frac:g}", "--label-seed", str(LABEL_SUBSET_SEED)])
         if model["model"] == "random":  # the k-NN every run's log starts from: its memory bank is the pretraining set
             idx = subset_indices(train_set, model["trees"]["pretrain"]).to(xtr.device)
             row["knn_top1_pretrain_bank"] = eval_linear.knn_accuracy(xtr[idx], ytr[idx], xte, yte, num_classes)[0]
@@ -665,7 +707,8 @@ def evaluate(plan, model, name, device):
             row["finetune_top1"], row["finetune_top5"] = ck["finetune_top1"], ck["finetune_top5"]
             row["command_finetune"] = shlex.join(supervised_command(model, cfg))
     backbone.cpu()
-    row.update(seconds=round(time.time() - t0, 1), device=str(device), ckpt=model["ckpt"],
+    row.update(seconds=round(time.time() - t0, 1), cpu_seconds=round(cpu_seconds() - c0, 1), cpu=cpu_model(),
+               device=str(device), ckpt=model["ckpt"],
                ckpt_epoch=meta["epoch"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     print(f"[study] {model['name']} on {label}: k-NN {knn1:.2f}, linear {probe['top1']:.2f}"
@@ -700,14 +743,18 @@ def pretrain_row(plan, model):
     if model["model"] == "supervised":
         ck = torch.load(model["ckpt"], map_location="cpu", weights_only=True)
         seconds, img_per_s, epochs = ck["seconds"], ck["img_per_s"], cfg["supervised_epochs"]
+        cpu_time, wall = ck.get("cpu_seconds"), ck["seconds"]
     else:
         seconds, img_per_s = log_cost(model["run_dir"])
-        epochs = cfg["epochs"]
+        epochs, cpu_time, wall = cfg["epochs"], model.get("cpu_seconds"), model.get("wall_seconds")
     return dict(kind="pretrain", run=model["name"], model=model["model"], seed=model["seed"], part=model["part"],
                 data_dir=model["data_dir"], num_images=model["num_images"], epochs=epochs,
                 batch_size=cfg["batch_size"], seconds=seconds, img_per_s=img_per_s,
-                wall_seconds=model.get("wall_seconds"), command=train_command(model, cfg),
-                hardware=hardware(plan["device"]),
+                # the whole command's wall-clock and CPU time (user + sys of the process and its children: what a
+                # shared machine does not inflate); None where this invocation did not train it; resumed: they
+                # cover the resumed part only
+                wall_seconds=wall, cpu_seconds=cpu_time, resumed=model.get("resumed", False),
+                command=train_command(model, cfg), hardware=hardware(plan["device"]), cpu=cpu_model(), cores=cores(),
                 # the machines are shared: the 5-minute load average as the run ended says how much
                 load_avg=round(os.getloadavg()[1], 2) if hasattr(os, "getloadavg") else None,
                 ckpt=model["ckpt"], ckpt_mtime=os.stat(model["ckpt"]).st_mtime_ns,
@@ -716,20 +763,52 @@ def pretrain_row(plan, model):
 
 # ---- the table ----
 
-def hardware(device=None):
-    """One line: GPU, CPU model, cores this process may use, torch."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model():
+    """The CPU's model name as this machine reports it (/proc/cpuinfo on Linux, else platform)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    line = f"{cpu}, {cores} cores"
+        return platform.processor() or platform.machine()
+
+
+def cores():
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cpu_seconds(children=False):
+    """User + system CPU time so far of this process and its finished children (data-loading workers), or of the
+    finished children only (a training script run by subprocess, with its own workers): deltas of it are the CPU
+    a piece of work cost, which a shared machine inflates far less than the wall-clock (torch's threads still spin
+    while they wait for a core)."""
+    try:
+        import resource  # Unix
+    except ImportError:
+        return 0.0 if children else time.process_time()
+    used = [resource.getrusage(resource.RUSAGE_CHILDREN)]
+    if not children:
+        used.append(resource.getrusage(resource.RUSAGE_SELF))
+    return sum(u.ru_utime + u.ru_stime for u in used)
+
+
+def hardware(device=None):
+    """One line: GPU, CPU model, cores this process may use, torch."""
+    line = f"{cpu_model()}, {cores()} cores"
     dev = eval_linear.resolve_device(device or "auto")
     if dev.type == "cuda":
         line = f"{torch.cuda.get_device_name(dev)}; {line}"
     return line + f"; torch {torch.__version__}"
+
+
+def hardware_line(trained, device=None):
+    """'Hardware, as each training run recorded it: <hardware> (n runs); ...' from the training rows: the machines
+    they ran on, not the one re-tabulating them (this one's only where there is no row)."""
+    machines = {}
+    for r in trained:
+        machines[r.get("hardware", "not recorded")] = machines.get(r.get("hardware", "not recorded"), 0) + 1
+    return "Hardware, as each training run recorded it: " + ("; ".join(
+        f"{h} ({plural(n, 'run')})" for h, n in machines.items()) if machines else hardware(device))
 
 
 def mean_std(values):
@@ -757,7 +836,7 @@ COLUMNS = [("knn", "CIFAR-10 k-NN"), ("linear", "linear"), ("finetune", "fine-tu
            *((f"linear_{f:g}", f"linear, {f:.0%} labels") for f in LABEL_FRACTIONS),
            ("unseen_knn", "unseen classes k-NN"), ("unseen_linear", "linear"),
            ("transfer_knn", "transfer k-NN"), ("transfer_linear", "linear"), ("transfer_finetune", "fine-tune"),
-           ("seconds", "pretraining time"), ("img_per_s", "img/s")]
+           ("seconds", "pretraining time"), ("cpu_seconds", "CPU time"), ("img_per_s", "img/s")]
 HEADLINE = {"knn": "CIFAR-10 k-NN", "linear": "CIFAR-10 linear", "finetune": "CIFAR-10 fine-tune",
             "transfer_knn": "transfer k-NN", "transfer_linear": "transfer linear",
             "transfer_finetune": "transfer fine-tune"}
@@ -768,7 +847,36 @@ SOURCES = {"knn": ("eval", "cifar10", "knn_top1"), "linear": ("eval", "cifar10",
            "unseen_knn": ("eval", "unseen", "knn_top1"), "unseen_linear": ("eval", "unseen", "linear_top1"),
            "transfer_knn": ("eval", "transfer", "knn_top1"), "transfer_linear": ("eval", "transfer", "linear_top1"),
            "transfer_finetune": ("eval", "finetune_transfer", "finetune_top1"),
-           "seconds": ("pretrain", None, "seconds"), "img_per_s": ("pretrain", None, "img_per_s")}
+           "seconds": ("pretrain", None, "seconds"), "cpu_seconds": ("pretrain", None, "cpu_seconds"),
+           "img_per_s": ("pretrain", None, "img_per_s")}
+COST = ("seconds", "cpu_seconds", "img_per_s")
+
+
+def idle(row):
+    """Whether a training run had the machine to itself: the 5-minute load average as it ended at most its cores
+    + 5% (the run keeps them busy itself; another job adds to it). It sees the last 5 minutes only; a row without a
+    load average counts as idle."""
+    n = row.get("cores")
+    if n is None:  # rows older than the field: the hardware line says it
+        found = re.search(r"(\d+) cores", row.get("hardware") or "")
+        n = found and int(found.group(1))
+    return row.get("load_avg") is None or not n or row["load_avg"] <= 1.05 * n
+
+
+def cost_cell(latest, model, key):
+    """A cost column's cell: wall-clock and images/s averaged over the model's idle training runs (all of them,
+    marked 'busy', where none was idle); CPU time over every run that trained from the start (a resumed run's
+    covers its last part only), which another job inflates far less than the wall-clock."""
+    runs = [r for (k, _, _), r in latest.items() if k == "pretrain" and r["model"] == model and r["part"] == "main"]
+    if key == "cpu_seconds":
+        v = [r["cpu_seconds"] for r in runs if r.get("cpu_seconds") is not None and not r.get("resumed")]
+        return duration(sum(v) / len(v)) if v else "not recorded" if runs else "-"
+    quiet = [r for r in runs if idle(r)]
+    v = [r[key] for r in quiet or runs]
+    if not v:
+        return "-"
+    cell = duration(sum(v) / len(v)) if key == "seconds" else f"{sum(v) / len(v):.0f}"
+    return cell + ("" if quiet else " (busy)")
 
 
 def current_rows(plan, rows):
@@ -812,63 +920,178 @@ def table_rows(plan, rows):
             v = list(cols[key].values())
             if key.startswith("unseen") and plan["no_unseen"] or "finetune" in key and plan.get("no_finetune"):
                 cells.append("not run")
-            elif model == "random" and key in ("seconds", "img_per_s"):
+            elif model == "random" and key in COST:
                 cells.append("none")
             elif model == "supervised" and key == "finetune":
                 cells.append("—")  # it is random init's fine-tune
-            elif key == "seconds":
-                cells.append(duration(sum(v) / len(v)) if v else "-")
-            elif key == "img_per_s":
-                cells.append(f"{sum(v) / len(v):.0f}" if v else "-")
+            elif key in COST:
+                cells.append(cost_cell(latest, model, key))
             else:
                 cells.append(mean_std(v))
         out[model] = cells
     return out, latest
 
 
-# two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1); beyond 10, the value at 10
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# ---- the reading: which differences the seeds support ----
+
+def t_pvalue(t, df):
+    """Two-sided p-value of Student's t with `df` degrees of freedom: P(|T| >= |t|) = I_x(df/2, 1/2) at
+    x = df / (df + t²), the regularized incomplete beta function (Abramowitz & Stegun 26.7.1), evaluated by its
+    continued fraction with Lentz's method (Numerical Recipes, 3rd ed., §6.4). Written out so that the study
+    needs no scipy; tests/test_study.py checks it against the closed forms at 1 and 2 degrees of freedom (and
+    scipy where installed)."""
+    if math.isinf(t):
+        return 0.0
+    a, b, x = df / 2, 0.5, df / (df + t * t)
+    if x <= 0.0 or x >= 1.0:
+        return float(x >= 1.0)
+    flip = x > (a + 1) / (a + b + 2)  # the fraction converges fast below the mean; use I_x(a, b) = 1 - I_1-x(b, a)
+    if flip:
+        a, b, x = b, a, 1.0 - x
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):  # the fraction's terms d_1, d_2, ...: 1 / (1 + d_1 / (1 + d_2 / ...))
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    value = front * (f - 1.0)
+    return 1.0 - value if flip else value
 
 
 def paired(a, b):
-    """(mean of a - b over the seeds both have, sample std of those differences, claimed): a difference is claimed
-    where a paired t-test over the seeds rejects 'no difference' at the 5% level (two-sided). Paired: seed s of
-    every network shares its subset draw, so the seed-to-seed swing common to both cancels."""
+    """Paired t-test of two networks' numbers over the seeds both have ({seed: value} each): (mean of a - b,
+    sample std of those differences, t, two-sided p). Paired: seed s of every network shares its subset draw, so
+    the seed-to-seed swing common to both cancels. Below two seeds t and p are None (one seed says nothing about
+    noise); differences without any spread give t = ±inf and p = 0 (or t = 0, p = 1 when they are all 0)."""
     d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
     if len(d) < 2:
-        return (d[0] if d else None), None, False
+        return (d[0] if d else None), None, None, None
     m = sum(d) / len(d)
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1))
-    t = abs(m) / (sd / math.sqrt(len(d))) if sd > 0 else (math.inf if m else 0.0)
-    return m, sd, t > T95.get(len(d) - 1, T95[10])
+    if sd == 0:
+        return m, sd, (math.copysign(math.inf, m) if m else 0.0), (0.0 if m else 1.0)
+    t = m / (sd / math.sqrt(len(d)))
+    return m, sd, t, t_pvalue(t, len(d) - 1)
 
 
-def differences(plan, values):
-    """The reading the seeds support, one line per headline column: the networks by mean, '>' between neighbours
-    whose paired difference is claimed (paired), '≈' where it is within noise; then which methods are above
-    random init and above supervised."""
-    lines = []
-    methods = [m for m in plan["methods"] if any(values[m][k] for k in HEADLINE)]
-    for key, name in HEADLINE.items():
-        have = {m: v[key] for m, v in values.items() if v[key]}
-        if len(have) < 2:
-            continue
-        # random init's CIFAR-10 fine-tune is the supervised baseline (column_values)
-        names = {**LABELS, "random": "random init (= supervised)"} if key == "finetune" else LABELS
-        order = sorted(have, key=lambda m: -sum(have[m].values()) / len(have[m]))
-        text = f"{names[order[0]]} {sum(have[order[0]].values()) / len(have[order[0]]):.1f}"
-        for prev, m in zip(order, order[1:]):
-            text += f" {'>' if paired(have[prev], have[m])[2] else '≈'} {names[m]} " \
-                    f"{sum(have[m].values()) / len(have[m]):.1f}"
+def holm(pvalues):
+    """Holm's step-down adjusted p-values (Holm 1979), in the input's order: the k-th smallest of m p-values is
+    multiplied by m - k + 1, then made non-decreasing along that order and capped at 1. 'Shown' where the adjusted p
+    is below 5%: the chance of one or more false 'shown' among the m is at most 5% whatever their dependence."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [None] * len(pvalues), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - k) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def letters(order, differ):
+    """Compact letter display (Piepho 2004, 'insert-absorb'): {name: letters} for the names in `order` (best
+    first) such that two names share a letter exactly when the pair is not in `differ` (a set of frozensets: the
+    pairs shown to differ). Start from one group of all; for each pair shown to differ, split every group holding
+    both into one without each; drop groups inside another; letter the groups a, b, ... by their best member."""
+    groups = [set(order)]
+    for pair in differ:
+        i, j = tuple(pair)
+        split = []
+        for g in groups:
+            split += [g - {i}, g - {j}] if i in g and j in g else [g]
+        groups = [g for k, g in enumerate(split)
+                  if g and not any(g < h or (g == h and l < k) for l, h in enumerate(split))]
+    rank = {n: k for k, n in enumerate(order)}
+    groups.sort(key=lambda g: sorted(rank[n] for n in g))
+    return {n: "".join(chr(ord("a") + k) for k, g in enumerate(groups) if n in g) for n in order}
+
+
+ALPHA = 0.05  # the family-wise error rate of each column's comparisons
+
+
+def column_tests(values, key):
+    """Every pair of networks in one headline column: [dict(a, b, diff, t, p, p_holm, shown)], a the better
+    mean, with Holm's correction over the column's pairs that have two seeds or more (the family). The networks:
+    those with numbers in the column; in CIFAR-10 fine-tune random init's is the supervised baseline."""
+    have = {m: v[key] for m, v in values.items() if v.get(key)}
+    mean = {m: sum(v.values()) / len(v) for m, v in have.items()}
+    order = sorted(have, key=lambda m: -mean[m])
+    tests = []
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            d, _, t, p = paired(have[a], have[b])
+            tests.append(dict(a=a, b=b, diff=d, t=t, p=p, p_holm=None, shown=False))
+    family = [r for r in tests if r["p"] is not None]
+    for r, adj in zip(family, holm([r["p"] for r in family])):
+        r["p_holm"], r["shown"] = adj, adj < ALPHA
+    return order, mean, tests
+
+
+def critical_t(df, p):
+    """|t| whose two-sided p-value at df degrees of freedom is p (bisection on t_pvalue): what Holm's first step
+    asks of a column."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_pvalue(mid, df) > p else (lo, mid)
+    return hi
+
+
+def reading(plan, values):
+    """What the seeds support, from the paired tests with Holm's correction within each headline column:
+    a compact letter display (each network's mean and letters per column), then per column the pairs shown to
+    differ and, per method, whether it is shown above (or below) random init and the supervised baseline.
+    Every statement is one pair's test; no ordering is implied between networks that were not shown to differ."""
+    names = dict(LABELS)
+    cols = {key: column_tests(values, key) for key in HEADLINE}
+    cols = {key: c for key, c in cols.items() if len(c[0]) >= 2}
+    if not cols:
+        return []
+    seeds = max(len(v) for c in values.values() for v in c.values())
+    sizes = sorted({len([r for r in t if r["p"] is not None]) for _, _, t in cols.values()})
+    models = [m for m in ["random", "supervised", *plan["methods"]] if any(m in c[0] for c in cols.values())]
+    lines = [f"What the {seeds} seeds support: every pair of networks in a column compared by a paired t-test over "
+             f"the seeds (two-sided; seed s of every network shares its subset draw), with Holm's step-down "
+             f"correction over the column's {' or '.join(map(str, sizes))} pairs: the chance of any false "
+             f"'differs' in a column is at most {ALPHA:.0%} (the {len(cols)} columns are not corrected against each "
+             f"other). Networks that share a letter in a column are not shown to differ ('a': the best mean's "
+             f"group); in CIFAR-10 fine-tune random init's number is the supervised baseline's."
+             + (f" With {seeds} seeds and {max(sizes)} pairs, Holm's first step needs |t| > "
+                f"{critical_t(seeds - 1, ALPHA / max(sizes)):.1f} (p < {ALPHA / max(sizes):.4f})." if seeds > 1 else ""),
+             "",
+             "| | " + " | ".join(HEADLINE[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    shown = {key: letters(order, {frozenset((r["a"], r["b"])) for r in tests if r["shown"]})
+             for key, (order, _, tests) in cols.items()}
+    for m in models:
+        cells = [f"{cols[k][1][m]:.1f} {shown[k][m]}" if m in cols[k][1] else "—" for k in cols]
+        lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for key, (order, mean, tests) in cols.items():
+        claims = [f"{names[r['a']]} > {names[r['b']]} ({r['diff']:+.1f}, t = {r['t']:.1f}, Holm p = "
+                  f"{r['p_holm']:.3f})" for r in tests if r["shown"]]
+        text = (f"- {HEADLINE[key]} ({len([r for r in tests if r['p'] is not None])} pairs): shown to differ: "
+                + ("; ".join(claims) if claims else "none"))
         for base in ("random", "supervised"):
-            if base not in have:  # (supervised has no CIFAR-10 fine-tune of its own)
+            if base not in mean:  # (supervised has no CIFAR-10 fine-tune of its own: random init's is it)
                 continue
-            verdicts = {m: paired(have[m], have[base]) for m in methods if m in have}  # m - base
-            above = [LABELS[m] for m, (d, _, claimed) in verdicts.items() if claimed and d > 0]
-            below = [LABELS[m] for m, (d, _, claimed) in verdicts.items() if claimed and d < 0]
-            text += f"; above {names[base]}: {', '.join(above) or 'none'}"
-            text += f", below: {', '.join(below)}" if below else ""
-        lines.append(f"- {name}: {text}")
+            verdict = {m: next(r for r in tests if {r["a"], r["b"]} == {m, base})
+                       for m in plan["methods"] if m in mean}
+            above = [names[m] for m, r in verdict.items() if r["shown"] and r["a"] == m]
+            below = [names[m] for m, r in verdict.items() if r["shown"] and r["b"] == m]
+            unshown = [names[m] for m, r in verdict.items() if not r["shown"]]
+            label = "random init (= supervised)" if key == "finetune" else names[base]
+            text += (f". Above {label}: {', '.join(above) or 'none'}" + (f"; below: {', '.join(below)}" if below else "")
+                     + (f"; not shown: {', '.join(unshown)}" if unshown else ""))
+        lines.append(text + ".")
     return lines
 
 
@@ -895,7 +1118,9 @@ def write_table(plan, rows, argv):
         r = latest.get(("eval", "random_s0", ev))
         return f"{r[key]:,}" if r else "?"
 
-    loads = [r["load_avg"] for (k, _, _), r in latest.items() if k == "pretrain" and r.get("load_avg") is not None]
+    trained = [r for (k, _, _), r in latest.items() if k == "pretrain"]
+    loads = [r["load_avg"] for r in trained if r.get("load_avg") is not None]
+    main_runs = [r for r in trained if r["part"] == "main"]
     own = [r.get("finetune_top1") for (k, _, e), r in latest.items()
            if k == "eval" and e == "cifar10" and r["model"] == "supervised"]
     images = plan["num_images"]["pretrain"]
@@ -916,7 +1141,8 @@ def write_table(plan, rows, argv):
         f"T=0.07; linear: eval_linear's probe (100 epochs, SGD lr 0.1, cosine, standardized features).",
         f"- **1% / 10% labels** (label efficiency): the same probe trained on a fixed stratified 1% / 10% of the "
         f"train labels ({size('cifar10', 'num_0.01')} / {size('cifar10', 'num_0.1')} images, "
-        f"eval_linear.stratified_split seed {LABEL_SUBSET_SEED}), the same test images.",
+        f"eval_linear.stratified_split seed {LABEL_SUBSET_SEED}: `eval_linear.py ... --label-fraction 0.01 "
+        f"--label-seed {LABEL_SUBSET_SEED}`), the same test images.",
     ]
     if not plan["no_unseen"]:
         lines.append(
@@ -936,15 +1162,23 @@ def write_table(plan, rows, argv):
             f"decay, random-resized-crop + flip, cross-entropy), top-1 on the test images. CIFAR-10: with the labels "
             f"of its pretraining images, the supervised baseline's budget ({plural(cfg['supervised_epochs'], 'epoch')}"
             f", batch {cfg['batch_size']}); random init's is the supervised baseline itself. Transfer: on {target}'s "
-            f"train images, {plural(cfg['transfer_finetune_epochs'], 'epoch')}. The lr: "
+            f"train images, {plural(cfg['transfer_finetune_epochs'], 'epoch')} of "
+            f"{size('finetune_transfer', 'images_per_epoch')} images (the loader drops the last partial batch). "
+            "The lr: "
             + (FINETUNE_LR_NOTE[plan["protocol"]] if cfg["finetune_lr"] == PROTOCOLS[plan["protocol"]]["finetune_lr"]
                else "given on the command line") + ".")
     same = ("for the same epochs" if cfg["supervised_epochs"] == cfg["epochs"]
             else f"for {plural(cfg['supervised_epochs'], 'epoch')} (the pretrainings: {cfg['epochs']})")
     lines += [
-        "- **Cost**: pretraining wall-clock (the training epochs, without start-up and the k-NN monitor; supervised: "
-        "with its one pass over the test images) and images/s (each image with all its views), on the hardware "
-        "below; the machine may be shared: compare within the column.",
+        "- **Cost** (training on all classes): *pretraining time* is the wall-clock of the training epochs (from "
+        "each run's log.jsonl, without start-up and the k-NN monitor; supervised: with its one pass over the test "
+        "images) and *img/s* the images a second (each with all its views), both averaged over the runs that had "
+        "the machine to themselves (5-minute load average as the run ended at most the cores + 5%: "
+        f"{len([r for r in main_runs if idle(r)])} of {len(main_runs)} runs; 'busy': none was, the cell averages "
+        "them all); *CPU time* is the whole command's user + system CPU time, all its processes (start-up, data "
+        "decoding and the k-NN monitor included), which another job on the machine inflates far less than the "
+        "wall-clock (torch's threads still spin while they wait for a core); runs recorded before the study kept it "
+        "say 'not recorded'. Compare within a column, on the hardware below.",
         "- **Baselines**: *random init* is the same ViT untrained (`eval_linear.py --random-init`, same seed). "
         f"*supervised* is the same ViT trained from random init with the labels of the same images {same} "
         "and batch (`eval_linear.py --random-init --finetune`: AdamW, random-resized-crop + flip, "
@@ -953,13 +1187,11 @@ def write_table(plan, rows, argv):
         "columns are not few-label numbers; its unseen-classes network was trained on the labels of the seen classes.",
     ]
     if cfg["seeds"] > 1:
-        lines += ["", f"What the {cfg['seeds']} seeds support ('>': a paired t-test over the seeds rejects 'no "
-                      f"difference' at the 5% level, two-sided; '≈': within noise):",
-                  *differences(plan, values)]
+        lines += ["", *reading(plan, values)]
     lines += [
         "",
         f"Command: `{study_command(argv)}`",
-        f"Hardware: {hardware(plan['device'])}"
+        hardware_line(trained, plan["device"])
         + (f"; 5-minute load average as each pretraining ended: {min(loads):.1f}-{max(loads):.1f}" if loads else "")
         + ".",
     ]
@@ -969,7 +1201,9 @@ def write_table(plan, rows, argv):
     with open(os.path.join(plan["out"], "headline.json"), "w") as f:
         json.dump({"columns": list(HEADLINE.values()), "models": list(values),
                    "values": {m: {HEADLINE[k]: {str(s): v for s, v in values[m][k].items()} for k in HEADLINE}
-                              for m in values}}, f, indent=1)
+                              for m in values},
+                   # every pair's paired test, a the better mean (reading(): Holm within each column)
+                   "pairs": {HEADLINE[k]: column_tests(values, k)[2] for k in HEADLINE}}, f, indent=1)
     return text
 
 
@@ -1053,6 +1287,10 @@ def run_study(args, argv, arch, device, docs=False):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    if args.protocol == "few-label":
+        import few_label  # benchmarks/few_label.py, beside this file
+        return few_label.run(args, argv, eval_linear.resolve_device(args.device or "auto"))
+    args.out, args.methods = args.out or "runs/study", args.methods or METHODS
     archs = resolve_cfg(args)["archs"]
     device = eval_linear.resolve_device(args.device or "auto")
     tables, failed = {}, []

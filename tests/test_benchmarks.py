@@ -1,7 +1,8 @@
 """benchmarks/cost_curve.py and the memory measurement it shares with benchmarks/method_speed.py, on CPU; the
 figures the README shows: the study's attention figures (benchmarks/plots.py; mean over heads and head by head)
 drawn patch by patch with a colour bar, the seeds figure's dots and mean ± std bars, the figures a study folder
-lacks the input of skipped with a note, and the view grids (data.py --show) with a header naming every column.
+lacks the input of skipped with a note, the view grids (data.py --show) with a header naming every column, and
+the few-label study's learning curve placed at CPU minutes.
 
 (The study has its own tests in test_study.py; the speed benchmarks' figures are measured, not tested.)
 """
@@ -279,3 +280,32 @@ def test_view_grid_has_a_header_naming_each_column(tmp_path):
     grey = np.ones((128, 128), bool)
     grey[32:96, 32:96] = False
     assert (small[grey] == 128).all() and (small[~grey] != 128).any()
+
+
+def test_few_label_curve_puts_each_epoch_at_its_cpu_minutes(tmp_path, monkeypatch):
+    """Catches the learning curve of the hour drawn against epochs or wall-clock instead of CPU minutes (a shared
+    machine would bend it), a pretraining's CPU time not shared out by its epochs' wall-clock, or supervised points
+    from a recipe the search did not choose. Expected points computed by hand from the log and the rows."""
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "runs" / "simclr_hour"
+    run_dir.mkdir(parents=True)
+    log = [{"epoch": 0, "knn_top1": 30.0}, {"epoch": 1, "seconds": 100.0, "loss": 5.0},
+           {"epoch": 2, "seconds": 100.0, "loss": 4.9, "knn_top1": 45.0},
+           {"epoch": 3, "seconds": 200.0, "loss": 4.8, "knn_top1": 50.0}]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    rows = [{"key": "pretrain:simclr", "cpu_seconds": 900.0, "wall_seconds": 600.0},  # 1.5 CPU s a second
+            {"key": "recipe:supervised:500", "lr": 1e-3, "aug": "strong"}]
+    for lr, aug, cpu, knn in ((1e-3, "strong", 60.0, 33.0), (1e-3, "strong", 240.0, 36.0), (2e-3, "default", 120.0, 40.0)):
+        rows.append({"key": f"search:{lr}:{aug}:{cpu}", "stage": "search", "trainer": "supervised", "task": "500",
+                     "lr": lr, "aug": aug, "cpu_seconds": cpu, "monitor_knn": knn, "top1": 20.0})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "study.json").write_text(json.dumps({
+        "protocol": "few-label", "cfg": {"labels": [500, 5000], "monitor_val_fraction": 0.1},
+        "pretrainings": [{"model": "simclr", "run_dir": str(run_dir)}]}))
+    figures = saved_figures(monkeypatch)
+    assert plots.main([str(tmp_path)]) == [str(tmp_path / "figures" / "few_label_curve.png")]
+    (fig,) = figures
+    lines = {line.get_label(): list(zip(*line.get_data())) for line in fig.axes[0].lines}
+    # epoch 2 after 200 training seconds: 200 x 1.5 / 60 = 5 CPU minutes; epoch 3 after 400: 10
+    assert lines["SimCLR"] == [(0.0, 30.0), (5.0, 45.0), (10.0, 50.0)]
+    assert lines["supervised on 500 labels"] == [(1.0, 33.0), (4.0, 36.0)]  # the chosen lr and augmentation only

@@ -278,6 +278,51 @@ def test_main_val_fraction_never_touches_test(tmp_path):
 
 
 @pytest.mark.needs_knn
+def test_main_label_fraction_sees_the_drawn_labels_only(monkeypatch):
+    """Catches a --label-fraction whose k-NN, probe or fine-tuning sees other train images than the stratified draw
+    (the study's 1% / 10% columns would not be what the flag reproduces), a draw that ignores --label-seed, or a
+    --val-fraction carved from all of train instead of the labelled images: against k-NN and probe run by hand on
+    the full train features at stratified_split(labels, F, label seed)'s held-out part."""
+    base = ["--random-init", "--arch", "vit_mini", "--patch-size", "8", "--dataset", "folder", "--data-dir", SAMPLE,
+            "--workers", "0", "--probe-epochs", "20", "--seed", "2"]
+    row = eval_linear.main([*base, "--label-fraction", "0.1", "--label-seed", "3"])[0]
+    train = data.build_dataset("folder", SAMPLE, "train")
+    labels = torch.tensor(train.targets)
+    _, labelled = eval_linear.stratified_split(labels, 0.1, seed=3)
+    assert row["num_train"] == len(labelled) == 100 and torch.bincount(labels[labelled]).tolist() == [10] * 10
+    assert row["eval_data"] == "folder:data_sample (0.1 of the train labels)" and row["label_seed"] == 3
+    torch.manual_seed(2)  # the untrained network main() builds with --seed 2
+    backbone = vit.vit_mini(img_size=32, patch_size=8).eval()
+    mean_std = data.MEAN_STD["folder"]
+    xtr, ytr = eval_linear.extract_features(backbone, data.build_eval_loader(train, 32, *mean_std, 256, 0), "cpu")
+    test = data.build_dataset("folder", SAMPLE, "test")
+    xte, yte = eval_linear.extract_features(backbone, data.build_eval_loader(test, 32, *mean_std, 256, 0), "cpu")
+    assert row["knn_top1"] == eval_linear.knn_accuracy(xtr[labelled], ytr[labelled], xte, yte, 10)[0]
+    probe = eval_linear.linear_probe(xtr[labelled], ytr[labelled], xte, yte, 10, epochs=20, seed=2)
+    assert row["linear_top1"] == probe["top1"]
+    other = eval_linear.main([*base, "--label-fraction", "0.1", "--no-probe"])[0]  # label seed: --seed's 2
+    assert other["label_seed"] == 2 and other["knn_top1"] == eval_linear.knn_accuracy(
+        xtr[eval_linear.stratified_split(labels, 0.1, seed=2)[1]], ytr[eval_linear.stratified_split(
+            labels, 0.1, seed=2)[1]], xte, yte, 10)[0]
+    # fine-tuning trains on the labelled images and nothing else; --val-fraction holds out some of *them*
+    seen = {"eval": []}  # the train-split indices each loader was built on
+    train_loader, eval_loader = data.build_train_loader, data.build_eval_loader
+    monkeypatch.setattr(data, "build_train_loader", lambda ds, *a, **k: seen.update(tune=data._base(ds)[1]) or
+                        train_loader(ds, *a, **k))
+    monkeypatch.setattr(data, "build_eval_loader", lambda ds, *a, **k: seen["eval"].append(data._base(ds)[1]) or
+                        eval_loader(ds, *a, **k))
+    monkeypatch.setattr(eval_linear, "finetune", lambda *a, **k: ({"top1": 0.0, "top5": 0.0}, None))
+    eval_linear.main([*base, "--label-fraction", "0.1", "--label-seed", "3", "--no-probe", "--finetune",
+                      "--val-fraction", "0.2"])
+    # k-NN's memory bank, the validation images, fine-tuning's images: indices into the train split
+    (bank, val), tune = ([int(i) for i in ix] for ix in seen["eval"]), [int(i) for i in seen["tune"]]
+    assert len(bank) == len(tune) == 80 and sorted(bank) == sorted(tune) and len(val) == 20
+    assert set(bank) | set(val) == set(labelled.tolist())
+    with pytest.raises(SystemExit, match="--label-fraction 0.0: give a fraction above 0"):
+        eval_linear.main([*base, "--label-fraction", "0"])
+
+
+@pytest.mark.needs_knn
 def test_main_random_init(tmp_path, capsys):
     """Catches a table or results line that misreports what was evaluated, on real images."""
     results = tmp_path / "results.jsonl"

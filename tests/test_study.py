@@ -8,11 +8,13 @@ catches."""
 import importlib.util
 import io
 import json
+import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -89,7 +91,9 @@ def test_every_network_has_every_column(done):
             if not (label == "supervised" and acc is row[2]):  # its CIFAR-10 fine-tune is random init's
                 assert 0 <= float(acc) <= 100, (label, acc)
         if label != "random init":
-            assert float(row[11]) > 0, (label, row)  # images/s of its training
+            # images/s of its training ('busy': measured while the machine ran other jobs)
+            assert float(row[12].removesuffix(" (busy)")) > 0, (label, row)
+            assert row[11].endswith((" s", " min")), (label, row)  # its CPU time, recorded
     assert cells["supervised"][2] == "—"
     # random init fine-tuned with the labels is the supervised baseline: the same number, not a second training
     sup = next(r for r in read_jsonl(os.path.join(done["out"], "results.jsonl"))
@@ -113,6 +117,8 @@ def test_every_network_has_every_column(done):
     pre = {r["run"]: r for r in rows if r["kind"] == "pretrain"}
     for m in METHODS:
         assert f"python {m}.py --dataset folder" in pre[f"{m}_s0"]["command"] and pre[f"{m}_s0"]["seconds"] > 0
+        # the child's CPU time (it imports torch and trains: over half a second anywhere), this machine's CPU
+        assert pre[f"{m}_s0"]["cpu_seconds"] > 0.5 and pre[f"{m}_s0"]["cpu"] == study.cpu_model()
         assert pre[f"{m}5_s0"]["num_images"] == 65 and pre[f"{m}_s0"]["num_images"] == 130
 
 
@@ -134,11 +140,11 @@ def test_table_states_each_protocol_once(done):
                  "- **Unseen classes**: every network trained again on airplane, automobile, bird, cat, deer only",
                  "(dog, frog, horse, ship, truck)", "65 of their train images (the same 13 per class)",
                  "- **Transfer**: the CIFAR-10 networks, frozen, on transfer (200 train / 100 test",
-                 "- **Cost**: pretraining wall-clock", "- **Baselines**: *random init*",
+                 "- **Cost** (training on all classes): *pretraining time*", "- **Baselines**: *random init*",
                  "- **Fine-tune**: every network and a new linear head trained end to end",
                  "the supervised baseline's budget (1 epoch, batch 64); random init's is the supervised baseline",
-                 "Transfer: on transfer's train images, 1 epoch.", "One seed.",
-                 "Command: `python benchmarks/study.py", "Hardware: "):
+                 "Transfer: on transfer's train images, 1 epoch of 192 images (the loader drops the last partial batch).", "One seed.",
+                 "Command: `python benchmarks/study.py", "Hardware, as each training run recorded it: "):
         assert text.count(line) == 1, line
 
 
@@ -153,7 +159,8 @@ def test_numbers_are_eval_linears(done):
     """Catches a study whose in-process evaluation drifts from eval_linear's CLI (another normalization, image
     size, k-NN setting, probe or fine-tuning seed, lr or epochs): the row's recorded command must print the same
     k-NN and linear top-1, or the same fine-tune top-1. On the transfer rows (small, and where the pretraining
-    normalization matters), a method's and random init's; a method's fine-tune on its pretraining images."""
+    normalization matters), a method's and random init's; a method's fine-tune on its pretraining images; and a
+    method's 10%-labels probe (its --label-fraction command)."""
     rows = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl")) if r["kind"] == "eval" and (
         r["eval"], r["run"]) in {("transfer", "byol_s0"), ("transfer", "random_s0"), ("finetune", "simclr_s0"),
                                  ("finetune_transfer", "random_s0")}]
@@ -170,6 +177,16 @@ def test_numbers_are_eval_linears(done):
             assert cli["finetune_top1"] == pytest.approx(r["finetune_top1"], abs=1e-6), r["command"]
         else:
             assert (cli["knn_top1"], cli["linear_top1"]) == pytest.approx((r["knn_top1"], r["linear_top1"]), abs=1e-6)
+    # the 10% labels column: eval_linear --label-fraction draws the same labelled images and probes them alone
+    (r,) = [r for r in read_jsonl(os.path.join(done["out"], "results.jsonl")) if r.get("eval") == "cifar10" and
+            r["run"] == "simclr_s0"]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        (cli,) = eval_linear.main(shlex.split(r["command_linear_0.1"])[2:] + ["--workers", "0"])
+    finally:
+        os.chdir(cwd)
+    assert (cli["num_train"], cli["linear_top1"]) == (r["num_0.1"], pytest.approx(r["linear_0.1_top1"], abs=1e-6))
 
 
 @pytest.mark.needs_simclr_aug
@@ -365,38 +382,142 @@ def test_mean_and_sample_std_over_seeds():
     assert study.mean_std([44.41]) == "44.4" and study.mean_std([]) == "-" and study.mean_std([None, 3.0]) == "3.0"
 
 
+def test_t_pvalue_is_students():
+    """Catches a wrong p-value of the t distribution (a one-sided p, a wrong incomplete beta, the continued fraction
+    stopped early): against the closed forms at 1 and 2 degrees of freedom (P(|T| >= t) = 1 - 2 atan(t) / pi and
+    1 - t / sqrt(2 + t²)), the normal limit, and scipy where it is installed."""
+    for t in (0.0, 0.3, 1.0, 2.5, 4.303, 12.706, 16.52, 43.4, 1e4):
+        assert study.t_pvalue(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-9, abs=1e-13)
+        assert study.t_pvalue(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9, abs=1e-13)
+        assert study.t_pvalue(-t, 2) == study.t_pvalue(t, 2)
+    # the tables' two-sided 5% points: 12.706 (1), 4.303 (2), 2.228 (10); df -> infinity: the normal's 1.960
+    for t, df in ((12.706, 1), (4.303, 2), (2.228, 10), (1.95996, 10 ** 7)):
+        assert study.t_pvalue(t, df) == pytest.approx(0.05, abs=2e-5)
+    assert study.t_pvalue(math.inf, 2) == 0.0
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 7, 9, 30):
+        for t in (0.1, 0.9, 2.0, 3.5, 8.0, 25.0):
+            assert study.t_pvalue(t, df) == pytest.approx(2 * scipy_stats.t.sf(t, df), rel=1e-8)
+
+
 def test_paired_differences_over_seeds():
     """Catches a comparison that is not paired (the seed-to-seed swing both networks share hides a steady
-    difference), a one-sided or too lenient rule, or a difference claimed from one seed."""
+    difference), an unsigned t, or a p-value from one seed."""
     swing = {0: 30.0, 1: 36.0, 2: 33.0}  # the subsets differ more than the two networks do
     a = {s: v + 1.0 + 0.1 * s for s, v in swing.items()}  # 1.0, 1.1, 1.2 above: every seed, small spread
-    m, sd, claimed = study.paired(a, swing)
-    assert (m, sd, claimed) == (pytest.approx(1.1), pytest.approx(0.1), True)
-    # t = 1.1 / (0.1 / sqrt 3) = 19 > 4.30 (2 degrees of freedom); below, the other sign, the same rule
-    assert study.paired(swing, a)[2] and study.paired(swing, a)[0] == pytest.approx(-1.1)
-    b = {0: 31.0, 1: 35.5, 2: 34.0}  # +1, -0.5, +1: t = 0.5 / (0.866 / sqrt 3) = 1.0, within noise
-    assert study.paired(b, swing)[2] is False
-    c = {0: 31.0, 1: 36.6, 2: 33.2}  # +1, +0.6, +0.2 (all above, t = 3.46 < 4.30): still within noise
-    assert study.paired(c, swing)[2] is False
-    assert study.paired({0: 40.0}, {0: 30.0}) == (10.0, None, False)  # one seed says nothing about noise
-    assert study.paired({0: 31.0, 1: 31.0}, {0: 30.0, 1: 30.0})[2]  # no spread at all: a real difference
+    m, sd, t, p = study.paired(a, swing)
+    # t = 1.1 / (0.1 / sqrt 3) = 19.05 on 2 degrees of freedom
+    assert (m, sd, t) == (pytest.approx(1.1), pytest.approx(0.1), pytest.approx(11 * math.sqrt(3)))
+    assert p == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert study.paired(swing, a)[2] == pytest.approx(-t) and study.paired(swing, a)[3] == pytest.approx(p)
+    b = {0: 31.0, 1: 35.5, 2: 34.0}  # +1, -0.5, +1: t = 0.5 / (0.866 / sqrt 3) = 1.0
+    assert study.paired(b, swing)[2] == pytest.approx(1.0)
+    assert study.paired({0: 40.0}, {0: 30.0}) == (10.0, None, None, None)  # one seed says nothing about noise
+    assert study.paired({0: 31.0, 1: 31.0}, {0: 30.0, 1: 30.0})[2:] == (math.inf, 0.0)  # no spread at all
+    assert study.paired({0: 30.0, 1: 31.0, 5: 99.0}, {0: 30.0, 1: 30.0})[0] == 0.5  # the seeds both have
 
 
-def test_reading_claims_only_what_the_paired_test_supports():
-    """Catches a reading that ranks by mean alone ('>' between networks within noise), compares neighbours
-    unpaired, or lists a method above a baseline that the paired test does not put there; and one that calls
-    random init's CIFAR-10 fine-tune anything but the supervised baseline."""
+def test_holm_is_the_step_down_procedure():
+    """Catches a Bonferroni (m x p for every p), an adjustment that is not monotone in p (a pair shown while a
+    smaller p is not), or the step order reversed (Hochberg's step-up): Holm's adjusted p below alpha must reject
+    exactly what the sequential procedure rejects at that alpha: H_(1), H_(2), ... while p_(k) <= alpha / (m-k+1)."""
+    def sequential(ps, alpha):
+        order, rejected = sorted(range(len(ps)), key=lambda i: ps[i]), set()
+        for k, i in enumerate(order):
+            if ps[i] > alpha / (len(ps) - k):
+                break
+            rejected.add(i)
+        return rejected
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        m = int(torch.randint(1, 25, (1,), generator=gen))
+        ps = (torch.rand(m, generator=gen) ** 3 * 0.2).tolist()  # many small p-values, some ties near 0
+        adjusted = study.holm(ps)
+        for alpha in (0.01, 0.05, 0.1):
+            assert {i for i, q in enumerate(adjusted) if q <= alpha} == sequential(ps, alpha), (ps, alpha)
+    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3 x 0.01; 2 x 0.03; max(.06, .04)
+
+
+def test_letters_share_a_letter_exactly_when_not_shown_to_differ():
+    """Catches a compact letter display that gives two networks shown to differ a common letter, or two not shown
+    to differ none (the display would imply an untested ordering), on random sets of differing pairs."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        names = [f"n{i}" for i in range(int(torch.randint(2, 8, (1,), generator=gen)))]
+        pairs = [frozenset((a, b)) for i, a in enumerate(names) for b in names[i + 1:]]
+        differ = {p for p in pairs if torch.rand(1, generator=gen) < 0.5}
+        shown = study.letters(names, differ)
+        for p in pairs:
+            a, b = tuple(p)
+            assert bool(set(shown[a]) & set(shown[b])) == (p not in differ), (names, differ, shown)
+    assert study.letters(["x", "y", "z"], {frozenset(("x", "z"))}) == {"x": "a", "y": "ab", "z": "b"}
+    assert study.letters(["x", "y"], set()) == {"x": "a", "y": "a"}
+
+
+def test_reading_claims_only_what_the_corrected_tests_support():
+    """Catches a reading that ranks by mean alone, chains neighbours (implying a test that was not made), forgets
+    the multiple-comparison correction, or lists a method above a baseline that the test does not put there; and
+    one that calls random init's CIFAR-10 fine-tune anything but the supervised baseline."""
     seeds = lambda *v: dict(enumerate(v))  # noqa: E731
     values = {"random": {k: seeds(30, 31, 29) for k in study.HEADLINE},
               "supervised": {k: {} if k == "finetune" else seeds(34, 35, 33) for k in study.HEADLINE},
+              # +8.0, +7.5, +8.0 over random init: t = 7.83 / (0.289 / sqrt 3) = 47, p = 0.00045, Holm x6: 0.003
               "simclr": {k: seeds(38, 38.5, 37) for k in study.HEADLINE},
-              "dino": {k: seeds(30.5, 31.2, 29.9) for k in study.HEADLINE}}  # +0.5, +0.2, +0.9: t 2.6 < 4.3
-    lines = study.differences({"methods": ["simclr", "dino"]}, values)
-    assert len(lines) == len(study.HEADLINE)
-    assert lines[0] == ("- CIFAR-10 k-NN: SimCLR 37.8 > supervised 34.0 > DINO 30.5 ≈ random init 30.0; "
-                        "above random init: SimCLR; above supervised: SimCLR, below: DINO")
-    assert lines[2] == ("- CIFAR-10 fine-tune: SimCLR 37.8 > DINO 30.5 ≈ random init (= supervised) 30.0; "
-                        "above random init (= supervised): SimCLR")
+              # +0.5, +0.2, +0.9 over random init: t = 2.6, p = 0.12: not shown, though every seed is above
+              "dino": {k: seeds(30.5, 31.2, 29.9) for k in study.HEADLINE}}
+    lines = study.reading({"methods": ["simclr", "dino"]}, values)
+    assert "Holm's step-down correction over the column's 3 or 6 pairs" in lines[0]
+    # 2 df, p = 0.05 / 6: 1 - t / sqrt(2 + t²) = 0.05 / 6 at t = 10.9
+    assert "Holm's first step needs |t| > 10.9 (p < 0.0083)" in lines[0]
+    table = lines[lines.index("") + 1:]
+    assert table[2:6] == ["| random init | 30.0 c | 30.0 c | 30.0 b | 30.0 c | 30.0 c | 30.0 c |",
+                          "| supervised | 34.0 b | 34.0 b | — | 34.0 b | 34.0 b | 34.0 b |",
+                          "| SimCLR | 37.8 a | 37.8 a | 37.8 a | 37.8 a | 37.8 a | 37.8 a |",
+                          "| DINO | 30.5 c | 30.5 c | 30.5 b | 30.5 c | 30.5 c | 30.5 c |"], table
+    knn = next(s for s in lines if s.startswith("- CIFAR-10 k-NN"))
+    p_dino = study.paired(values["dino"]["knn"], values["random"]["knn"])[3]
+    assert p_dino > 0.05  # the case: every seed of DINO above random init, not shown
+    assert knn.startswith("- CIFAR-10 k-NN (6 pairs): shown to differ: SimCLR > supervised (+3.8, t = ")
+    assert " ≈ " not in knn and "DINO > random init" not in knn
+    assert knn.endswith("Above random init: SimCLR; not shown: DINO. Above supervised: SimCLR; below: DINO.")
+    fine = next(s for s in lines if s.startswith("- CIFAR-10 fine-tune"))
+    assert fine.startswith("- CIFAR-10 fine-tune (3 pairs): shown to differ: SimCLR > DINO (+7.3, t = 63.2, ")
+    assert "; SimCLR > random init (+7.8, t = 47.0, Holm p = 0.001)." in fine
+    assert fine.endswith("Above random init (= supervised): SimCLR; not shown: DINO.")
+
+
+def test_committed_reading_is_what_the_committed_rows_say():
+    """Catches a docs/study.md reading that the rows of docs/study_results.jsonl do not give (edited by hand, or
+    left behind when the statistics changed), a hardware line naming the machine that re-tabulated the rows
+    instead of the one they record, and a t statistic that is not the audit's (issue 31: SimCLR vs
+    MoCo v3 CIFAR-10 k-NN t = 16.5, SwAV vs BYOL 4.45, SimCLR vs MoCo v3 transfer k-NN 4.10, SimCLR vs BYOL
+    CIFAR-10 fine-tune 1.27, DINO vs random init transfer fine-tune 0.25)."""
+    rows = read_jsonl(os.path.join(ROOT, "docs", "study_results.jsonl"))
+    values = {m: {k: {} for k in study.HEADLINE} for m in ["random", "supervised", *study.METHODS]}
+    for r in rows:
+        for key, (kind, ev, field) in study.SOURCES.items():
+            if key in study.HEADLINE and r["kind"] == kind and r.get("eval") == ev and r["part"] == "main":
+                values[r["model"]][key][r["seed"]] = r[field]
+        if r.get("eval") == "cifar10" and r["model"] == "supervised":  # random init's fine-tune: the baseline
+            values["random"]["finetune"][r["seed"]] = r["finetune_top1"]
+    t = lambda a, b, k: study.paired(values[a][k], values[b][k])[2]  # noqa: E731
+    assert (round(t("simclr", "moco", "knn"), 1), round(t("swav", "byol", "knn"), 2)) == (16.5, 4.45)
+    assert (round(t("simclr", "moco", "transfer_knn"), 2), round(t("simclr", "byol", "finetune"), 2)) == (4.10, 1.27)
+    assert round(t("dino", "random", "transfer_finetune"), 2) == 0.25
+    # 27 of the 60 method pairs (5 methods, 6 columns) at p < 0.05 before any correction, as the audit counted
+    methods = study.METHODS
+    uncorrected = [study.paired(values[a][k], values[b][k])[3] < 0.05 for k in study.HEADLINE
+                   for i, a in enumerate(methods) for b in methods[i + 1:]]
+    assert (len(uncorrected), sum(uncorrected)) == (60, 27)
+    docs = open(os.path.join(ROOT, "docs", "study.md")).read()
+    for line in study.reading({"methods": methods}, values):
+        assert line in docs, line
+    # where the rows say they ran (every one on the same 2-core Xeon), not where the table was written again
+    trained = [r for r in rows if r["kind"] == "pretrain"]
+    assert study.hardware_line(trained) == ("Hardware, as each training run recorded it: Intel(R) Xeon(R) Processor, "
+                                            "2 cores; torch 2.14.1+cu130 (24 runs)")
+    assert study.hardware_line(trained) in docs
 
 
 @pytest.mark.needs_simclr_aug
@@ -431,9 +552,14 @@ def test_seeds_draw_their_own_subsets_and_the_table_states_their_spread(tmp_path
              for s in (0, 1)]
     assert headline["values"]["simclr"]["CIFAR-10 fine-tune"] == {"0": tuned[0], "1": tuned[1]}
     assert "Mean ± sample std over 2 seeds" in table and "What the 2 seeds support" in table
-    # two seeds: t must exceed 12.7; the reading lists every headline column with a verdict between neighbours
-    reading = [s for s in table.splitlines() if s.startswith("- CIFAR-10 k-NN: ")]
-    assert len(reading) == 1 and (" ≈ " in reading[0] or " > " in reading[0])
+    # two seeds: a letter per network and column, and one line per headline column saying which pairs differ
+    reading = [s for s in table.splitlines() if s.startswith("- CIFAR-10 k-NN (3 pairs): shown to differ: ")]
+    assert len(reading) == 1 and "| SimCLR | " in table
+    pairs = headline["pairs"]["CIFAR-10 k-NN"]  # every pair's test, for a reader who wants the t's and p's
+    assert len(pairs) == 3
+    for r in pairs:
+        a, b = ({int(s): v for s, v in headline["values"][m]["CIFAR-10 k-NN"].items()} for m in (r["a"], r["b"]))
+        assert r["t"] == pytest.approx(study.paired(a, b)[2]) and sum(a.values()) >= sum(b.values())
 
 
 def test_archs_give_each_shape_a_study_of_its_own(tmp_path, capsys):
@@ -471,6 +597,40 @@ def test_supervised_epochs_and_no_finetune(tmp_path, capsys):
     study.main([*base, "--no-finetune"])
     printed = capsys.readouterr().out
     assert printed.count(" --finetune ") == 2 and "on finetune" not in printed  # the supervised baselines' own
+
+
+def test_cpu_seconds_counts_the_children_and_this_process():
+    """Catches a CPU clock that misses a training script's process (the study runs it as a child: its CPU time
+    would read 0) or this process's own (the supervised baseline trains in it): against the CPU time a child
+    process and this one measure of themselves."""
+    c0 = study.cpu_seconds(children=True)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert 0.5 <= study.cpu_seconds(children=True) - c0 < 3.0  # its burn, plus Python's start-up
+    s0, p0 = study.cpu_seconds(), time.process_time()
+    while time.process_time() - p0 < 0.3:
+        pass
+    assert study.cpu_seconds() - s0 >= 0.29  # (rusage and process_time tick at different grains)
+
+
+def test_cost_columns_average_the_idle_runs_and_say_where_they_ran():
+    """Catches cost cells that average contended and idle runs (issue 31: SimCLR 15.5 min on a shared seed 0
+    against 3.1 on the idle seeds), a CPU time taken from a resumed run (its last part only), and a hardware line
+    that names the machine re-tabulating the rows instead of the machines the rows were trained on."""
+    def row(seed, seconds, load, **kw):
+        return dict(kind="pretrain", run=f"simclr_s{seed}", model="simclr", seed=seed, part="main", seconds=seconds,
+                    img_per_s=10000 / seconds, load_avg=load, hardware="Some CPU, 2 cores; torch x", **kw)
+    latest = {("pretrain", f"simclr_s{s}", None): r for s, r in enumerate(
+        [row(0, 930.0, 3.85), row(1, 200.0, 2.03), row(2, 160.0, 1.97, cpu_seconds=300.0),
+         row(3, 100.0, 2.0, cpu_seconds=30.0, resumed=True)])}
+    assert [study.idle(r) for r in latest.values()] == [False, True, True, True]
+    assert study.cost_cell(latest, "simclr", "seconds") == "2.6 min"  # (200 + 160 + 100) / 3 = 153 s
+    assert study.cost_cell(latest, "simclr", "img_per_s") == f"{(50 + 62.5 + 100) / 3:.0f}"
+    assert study.cost_cell(latest, "simclr", "cpu_seconds") == "5.0 min"  # the resumed run's 30 s left out
+    busy = {k: r for k, r in latest.items() if k[1] == "simclr_s0"}
+    assert study.cost_cell(busy, "simclr", "seconds") == "15.5 min (busy)"
+    assert study.cost_cell(busy, "simclr", "cpu_seconds") == "not recorded"
+    assert study.idle({"load_avg": 3.9, "cores": 4}) and not study.idle({"load_avg": 2.2, "hardware": "X, 2 cores"})
 
 
 def test_pretrain_row_records_each_networks_own_epochs(tmp_path, monkeypatch):
@@ -586,3 +746,168 @@ def test_tinyimagenet20_is_built_from_the_archive_exactly_as_listed(tmp_path):
         tinyimagenet20.build(str(tmp_path / "t3"), download=False, archive_dir=str(tmp_path / "empty"))
     assert "\n" not in str(e.value)
 
+
+
+# ---- the few-label protocol (benchmarks/few_label.py, `study.py --protocol few-label`) ----
+
+import few_label  # noqa: E402  (benchmarks/, on the path above)
+
+# One pretraining (SimCLR, 1 epoch of the sample at 16 px), 50 labels (5 a class), 2 seeds, the recipe search cut to
+# one lr and one epoch count (its three augmentations for supervised), batch 16, no transfer row.
+FEW = ["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--arch", "vit_mini", "--patch-size",
+       "8", "--img-size", "16", "--epochs", "1", "--batch-size", "64", "--workers", "0", "--knn-every", "1",
+       "--seeds", "2", "--methods", "simclr", "--labels", "50", "--search-epochs", "1", "--search-lrs", "1e-3",
+       "--search-batch-size", "16", "--supervised-epochs", "1", "--monitor-val-fraction", "0.2", "--no-transfer",
+       "--no-figures"]
+
+
+def test_labelled_images_are_stratified_drawn_per_seed_and_apart_from_their_validation_split():
+    """Catches a labelled draw that is not stratified, is the same for every seed (the seeds' spread would hide
+    the draw's luck), is not the one `eval_linear.py --label-fraction F --label-seed s` draws (the rows' commands
+    would not reproduce), or a validation split for the recipe search that overlaps the images it trains on or
+    reaches outside the labelled images."""
+    labels = eval_linear.labels_of(data.build_dataset("folder", SAMPLE, "train"))  # 100 of each of 10 classes
+    draws = [few_label.label_draw(labels, 50, seed) for seed in (0, 1)]
+    for d in draws:
+        assert len(d) == 50 and torch.bincount(torch.tensor(labels)[d]).tolist() == [5] * 10
+    assert set(draws[0].tolist()) != set(draws[1].tolist())
+    assert torch.equal(draws[0], few_label.label_draw(labels, 50, 0))
+    assert torch.equal(draws[1], eval_linear.stratified_split(labels, 0.05, 1)[1])  # --label-fraction 0.05 --label-seed 1
+    train, val = few_label.search_split(labels, draws[0], 0.2, seed=0)
+    assert set(train.tolist()).isdisjoint(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(
+        draws[0].tolist())
+    assert torch.bincount(torch.tensor(labels)[val]).tolist() == [1] * 10  # 20% of each class's 5
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    """One complete few-label study on the sample, with every network's training recorded: the backbone it started
+    from and the train-split indices of the images (and labels) it trained on."""
+    out = str(tmp_path_factory.mktemp("few") / "out")
+    calls, real = [], study.train_eval
+
+    def recording(backbone, aug_set, *args, **kwargs):
+        calls.append({"start": {k: v.clone() for k, v in backbone.state_dict().items()},
+                      "images": {int(i) for i in data._base(aug_set)[1]}})
+        return real(backbone, aug_set, *args, **kwargs)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(study, "train_eval", recording)
+    try:
+        table = study.main([*FEW, "--out", out])
+    finally:
+        mp.undo()
+    rows = read_jsonl(os.path.join(out, "results.jsonl"))
+    trained = [r for r in rows if r.get("stage") in ("search", "final")]  # written in the order they trained
+    assert len(trained) == len(calls)
+    return {"out": out, "table": table, "rows": rows, "runs": list(zip(trained, calls))}
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_supervised_never_sees_an_unlabelled_images_label(few):
+    """Catches a supervised-from-scratch run (the baseline the pretraining must beat) trained on images outside
+    its seed's labelled draw, or a recipe search whose training images include its validation images: every
+    supervised run's training images, against the draw and split recomputed here."""
+    labels = eval_linear.labels_of(data.build_dataset("folder", SAMPLE, "train"))
+    supervised = [(r, c) for r, c in few["runs"] if r["trainer"] == "supervised"]
+    assert {(r["stage"], r["task"], r["seed"]) for r, _ in supervised} == {
+        ("search", "50", 0), ("final", "50", 0), ("final", "50", 1), ("final", "cifar10", 0)}
+    for r, c in supervised:
+        if r["task"] == "cifar10":  # the all-label reference line
+            assert c["images"] == set(range(len(labels)))
+            continue
+        drawn = set(few_label.label_draw(labels, 50, r["seed"]).tolist())
+        if r["stage"] == "search":
+            train, val = few_label.search_split(labels, sorted(drawn), 0.2, 0)
+            assert c["images"] == set(train.tolist()) and c["images"].isdisjoint(val.tolist()), r["key"]
+            assert r["num_eval"] == len(val) == 10
+        else:
+            assert c["images"] == drawn, r["key"]
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_finetune_starts_from_the_pretrained_weights(few):
+    """Catches a 'self-supervised + fine-tune' cell whose network starts from random init (or another network)
+    instead of the pretraining's checkpoint, and a supervised run that starts from the pretrained weights."""
+    ckpt = torch.load(os.path.join(few["out"], "runs", "simclr_hour", "checkpoint.pt"), weights_only=True)["backbone"]
+    tuned = [(r, c) for r, c in few["runs"] if r["trainer"] == "simclr"]
+    assert {(r["stage"], r["seed"]) for r, _ in tuned} == {("search", 0), ("final", 0), ("final", 1)}
+    for r, c in tuned:
+        assert c["start"].keys() == ckpt.keys() and all(torch.equal(c["start"][k], ckpt[k]) for k in ckpt), r["key"]
+        assert r["ckpt"].endswith(os.path.join("simclr_hour", "checkpoint.pt"))
+    for r, c in few["runs"]:
+        if r["trainer"] == "supervised":
+            assert not torch.equal(c["start"]["blocks.0.attn.qkv.weight"], ckpt["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_table_has_every_cell_and_a_rerun_trains_nothing(few, capsys):
+    """Catches a few-label table with an empty cell, a cost that is not pretraining + fine-tune, a row without the
+    command that reproduces it, or a second invocation that trains or evaluates again (the study resumes)."""
+    lines = [s for s in few["table"].splitlines() if s.startswith("| ")]
+    assert lines[0] == "| labels | supervised from scratch | SimCLR + k-NN | SimCLR + probe | SimCLR + fine-tune |"
+    row50, full = ([c.strip() for c in s.strip("|").split("|")] for s in lines[1:3])
+    assert row50[0] == "50 (5%)" and all(" ± " in c and c.endswith(" h") for c in row50[1:]), row50
+    assert full[0] == "1,000 (all)" and full[-1] == "not run" and all(c.endswith(" h") for c in full[1:-1])
+    rows = few["rows"]
+    pre = next(r for r in rows if r["key"] == "pretrain:simclr")
+    assert pre["cpu_seconds"] > 0.5 and pre["command"].startswith("python simclr.py ") and "--val-fraction 0.2" in \
+        pre["command"]
+    tuned = [r for r in rows if r.get("stage") == "final" and r["trainer"] == "simclr"]
+    hours = (pre["cpu_seconds"] + sum(r["cpu_seconds"] for r in tuned) / len(tuned)) / 3600
+    assert row50[-1].endswith(f" · {hours:.2f} h")
+    for r in rows:
+        if r.get("stage") in ("search", "final", "frozen"):
+            assert r["command"].startswith("python eval_linear.py "), r
+    assert "- **Recipes**" in few["table"] and "supervised on 50: lr 0.001 per 256" in few["table"]
+    assert any(r.get("monitor_knn") is not None for r in rows if r.get("stage") == "search")  # the curve's points
+    capsys.readouterr()
+    calls = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(study, "train_eval", lambda *a, **k: calls.append(a))
+    try:
+        again = study.main([*FEW, "--out", few["out"]])
+    finally:
+        mp.undo()
+    assert calls == [] and again == few["table"] and len(read_jsonl(os.path.join(few["out"], "results.jsonl"))) == len(rows)
+    assert "simclr_hour: complete" in capsys.readouterr().out
+
+
+def test_few_label_dry_run_lists_every_network_and_writes_nothing(tmp_path, capsys):
+    """Catches a few-label dry run that leaves out a pretraining, the all-label line, a search's grid, a label
+    count's seeds or the transfer row, or that writes anything."""
+    transfer = small_folder(tmp_path / "transfer", train_per_class=20, test_per_class=10)
+    out = tmp_path / "dry"
+    study.main(["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--transfer-data-dir",
+                transfer, "--out", str(out), "--labels", "100,500", "--dry-run"])  # (the sample has 1,000 labels)
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    cfg = few_label.FEW_LABEL
+    for m in cfg["methods"]:
+        assert f"[study] {m}_hour: python {m}.py --dataset folder" in printed
+        assert f"--epochs {cfg['hour_epochs'][m]} " in printed and "--val-fraction 0.1 " in printed
+    assert f"final:supervised:cifar10:s0:lr0.001:default:ep{cfg['full_label_epochs']}: python eval_linear.py " \
+           "--random-init" in printed
+    for n in (100, 500):
+        grid = cfg["search"]["500"]  # a label count the protocol does not name takes the grid of its 500
+        mid = grid["epochs"][len(grid["epochs"]) // 2]
+        for trainer in ["supervised", *cfg["methods"]]:
+            for lr in cfg["lrs"]:
+                assert f"search:{trainer}:{n}:s0:lr{lr:g}:default:ep{mid}: python eval_linear.py " in printed
+            for seed in range(cfg["seeds"]):
+                assert f"final:{trainer}:{n}:s{seed}: the searched recipe" in printed
+        for m in cfg["methods"]:
+            for seed in range(cfg["seeds"]):
+                assert f"frozen:{m}:{n}:s{seed}: python eval_linear.py --ckpt " in printed
+    assert "--label-fraction 0.5 --label-seed 0 --val-fraction 0.2 " in printed  # 500 of the 1,000
+    with pytest.raises(SystemExit, match="--finetune-lr: not a setting of --protocol few-label"):
+        study.main(["--protocol", "few-label", "--finetune-lr", "1e-3", "--dry-run"])
+    with pytest.raises(SystemExit, match="--labels 500,5000: each between 0 and the 1,000 train images"):
+        study.main(["--protocol", "few-label", "--dataset", "folder", "--data-dir", SAMPLE, "--no-transfer",
+                    "--out", str(out), "--dry-run"])
+    assert "search:supervised:transfer:s0:lr0.001:default:ep30: python eval_linear.py --random-init" in printed
