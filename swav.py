@@ -265,7 +265,7 @@ def get_args_parser():
                    help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
                         "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
                         "at 32 px with patch 4 (13.7 rounds to 12, raised to 16), 32 with patch 8")
-    p.add_argument("--freeze-prototypes-epochs", type=int, default=1,
+    p.add_argument("--freeze-prototypes-epochs", type=data.nonneg_int, default=1,
                    help="the prototypes get no update in this many first epochs, whatever the dataset and batch "
                         "(reference code: its first epoch, --freeze_prototypes_niters 313 ImageNet steps at batch "
                         "4096, 5005 at 256); 0: they train from the first step")
