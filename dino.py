@@ -7,10 +7,10 @@ The method (§3.1, Algorithm 1, Figure 2): every image is cut into 2 global crop
 (multi-crop). The student (ViT + a 3-layer MLP head with K outputs) sees every crop; the teacher, the same
 network whose weights are an exponential moving average of the student's (no gradient), sees the 2 global crops
 only. Each student output softmax(s / 0.1) learns to match, by cross-entropy, the teacher's softmax((t - c) / tau_t)
-of every global crop but its own: a global crop the other one, a small crop both ("local-to-global"). There are no negatives
-and no clustering: what keeps the outputs apart is the balance of centering (c, an EMA of the teacher's mean
-output, is subtracted: no output dimension may take every image) and sharpening (tau_t of 0.04-0.07 is below the
-student's 0.1: the teacher's output may not be uniform).
+of every global crop but its own: a global crop the other one, a small crop both ("local-to-global"). There are
+no negatives and no clustering: what keeps the outputs apart is the balance of centering (c, an EMA of the
+teacher's mean output, is subtracted: no output dimension may take every image) and sharpening (tau_t of 0.04-0.07
+is below the student's 0.1: the teacher's output may not be uniform).
 
 Collapse (§5.3, Figure 7): the loss is the teacher's entropy h(P_t) plus KL(P_t || P_s), logged as
 teacher_entropy and kl. Uniform collapse (centering wins: every output uniform over the K dimensions):
@@ -253,8 +253,8 @@ def get_args_parser():
     p.add_argument("--batch-size", type=data.positive_int, default=512, help="total over all processes (paper: 1024)")
     p.add_argument("--lr", type=data.positive_float, default=5e-4,
                    help="AdamW lr per 256 images; the run uses lr * batch-size / 256, cosine to 1e-6 (paper: the "
-                        "same). In runs of a few hundred steps 1.25e-4 learned more here (scored on the test split by an "
-                        "earlier sweep: --help-paper, 'Short runs')")
+                        "same). In runs of a few hundred steps 1.25e-4 learned more here (scored on the test split "
+                        "by an earlier sweep: --help-paper, 'Short runs')")
     p.add_argument("--weight-decay", type=data.nonneg_float, default=0.04,
                    help="AdamW decoupled decay at the start, raised to --weight-decay-end by a half cosine (paper: "
                         "0.04)")

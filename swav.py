@@ -257,10 +257,10 @@ def get_args_parser():
                         "512 without a queue, solo-learn 3000 with a 3840 queue; 1000 lies between and learns here)")
     p.add_argument("--num-small-crops", type=data.crop_count, default=None,
                    help="small crops per image besides the 2 global ones (paper: 6); 0: no multi-crop. Default: 6 "
-                        "where a small crop (--small-crop-size) is at least 4x4 patches and at most half the global side "
-                        "(ViT-Tiny/4 at 32 px: 16 px crops), else 0 (vit_mini/8 at 32 px: 4x4 patches are the whole "
-                        "image; its 2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol, 30.6 vs 34.1, "
-                        "untrained 28.6, at twice the cost)")
+                        "where a small crop (--small-crop-size) is at least 4x4 patches and at most half the global "
+                        "side (ViT-Tiny/4 at 32 px: 16 px crops), else 0 (vit_mini/8 at 32 px: 4x4 patches are the "
+                        "whole image; its 2x2-patch crops cost 3.5 k-NN points in the README's CPU protocol, 30.6 vs "
+                        "34.1, untrained 28.6, at twice the cost)")
     p.add_argument("--small-crop-size", type=data.pixel_side, default=None,
                    help="small crop side in pixels, a multiple of --patch-size. Default: the paper's 96/224 of "
                         "--img-size rounded to the patch grid and raised to 4x4 patches (data.small_crop_side): 16 "
