@@ -348,7 +348,7 @@ def make_plan(args, arch=None):
     cfg = resolve_cfg(args)
     arch = arch or cfg["archs"][0]
     cfg["arch"], cfg["patch_size"] = split_arch(arch)
-    top = os.path.abspath(args.out)
+    top = os.path.abspath(args.out or "runs/study")
     out = top if len(cfg["archs"]) == 1 else os.path.join(top, arch_tag(arch))
     data_root = os.path.join(top, "data")
     if args.dataset == "folder":
@@ -390,10 +390,11 @@ def make_plan(args, arch=None):
     if have_tree:
         counts = {c: len(fs) for c, fs in subset_files(class_files(src, "train"), n).items()}
         num_images = {"pretrain": sum(counts.values()), "seen": sum(counts[c] for c in seen)}
-    missing = [m for m in args.methods if not os.path.exists(os.path.join(ROOT, f"{m}.py"))]
+    asked = args.methods or METHODS
+    missing = [m for m in asked if not os.path.exists(os.path.join(ROOT, f"{m}.py"))]
     for m in missing:
         print(f"note: {m}.py does not exist (yet): the study runs without it")
-    methods = [m for m in args.methods if m not in missing]
+    methods = [m for m in asked if m not in missing]
     device = [] if args.device is None else ["--device", args.device]
 
     models = []  # every network; "part": main (all classes) or unseen (pretrained on the seen classes)
@@ -1290,7 +1291,6 @@ def main(argv=None):
     if args.protocol == "few-label":
         import few_label  # benchmarks/few_label.py, beside this file
         return few_label.run(args, argv, eval_linear.resolve_device(args.device or "auto"))
-    args.out, args.methods = args.out or "runs/study", args.methods or METHODS
     archs = resolve_cfg(args)["archs"]
     device = eval_linear.resolve_device(args.device or "auto")
     tables, failed = {}, []
@@ -1302,7 +1302,7 @@ def main(argv=None):
     table = tables[archs[0]]
     if len(archs) > 1:  # <out>/table.md: each shape's table under its name
         table = "\n".join(f"## {arch}\n\n{tables[arch]}" for arch in archs)
-        with open(os.path.join(os.path.abspath(args.out), "table.md"), "w") as f:
+        with open(os.path.join(os.path.abspath(args.out or "runs/study"), "table.md"), "w") as f:
             f.write(table)
     if failed:
         raise SystemExit(f"[study] these runs failed (see their output above): {', '.join(failed)}")

@@ -67,8 +67,9 @@ def done(tmp_path_factory):
 
 
 def table_cells(table):
-    """{row label: [cells]} of the markdown table."""
-    lines = [s for s in table.splitlines() if s.startswith("| ") and not s.startswith("|  |")]
+    """{row label: [cells]} of the first markdown table (the reading's letter table comes later)."""
+    lines = table.split("\n\n")[0].splitlines()
+    lines = [s for s in lines if s.startswith("| ") and not s.startswith("|  |")]
     return {c[0]: c[1:] for c in ([x.strip() for x in s.strip("|").split("|")] for s in lines)}
 
 
