@@ -33,6 +33,7 @@ import ast
 import dataclasses
 import io
 import json
+import keyword
 import os
 import re
 import shutil
@@ -50,9 +51,11 @@ STAMP = ".student_copy"  # written into OUT: only a folder that holds it is ever
 # grader that runs them), the runs behind the answer key, and the kit's own tests (they grade the kit with them)
 INSTRUCTOR_ONLY = ("course/instructor_notes.md", "course/grade.py", "course/answer_runs.py", "course/grading/",
                    "tests/test_course.py")
-# --check: this many consecutive tokens of an exercise's reference body (about a line of code) found anywhere in the
-# copy is a leak; shorter runs match the repository's idioms (`with torch.autocast(x.device.type, enabled=False)`)
-WINDOW = 20
+# --check: this many consecutive tokens of an exercise's reference body found anywhere in the copy is a leak: 20 as
+# written (about a line of code), or 28 with every name but attributes, keyword arguments and Python's keywords
+# replaced by `_` (the body with its variables renamed). Shorter runs match the repository's idioms
+# (`with torch.autocast(x.device.type, enabled=False)`, `.sum(dim=-1).mean(`).
+WINDOW, RENAMED_WINDOW = 20, 28
 GRADING = "course/grading"  # the grading tests (instructor-only)
 ALLOWED_OVERLAPS = {  # (file, where, exercise function): why the copy may hold that run of its tokens
     ("data.py", "byol_specs", "data.simclr_spec"): "BYOL takes SimCLR's crop, flip and colour drop (BYOL §3.3, "
@@ -335,33 +338,45 @@ def text_streams(path):
     return [("text", tokens(text))]
 
 
-def find_answers(root, out, exercises, window=WINDOW):
-    """Every place in `out` that holds `window` consecutive tokens (the whole body, if shorter) of a stubbed
-    function's reference body in `root`: code, docstrings, comments, notebooks and text files alike, less the
-    overlaps ALLOWED_OVERLAPS explains. Returns (leaks, allowed), lists of
-    "file (where): n tokens of module.function's reference body (exercise N): '...'"."""
-    grams = {}  # (n, tuple of n tokens) -> (exercise, "module.function")
+def renamed(toks):
+    """Tokens with every name replaced by `_` except attributes (`.cat`), keyword arguments (`dim=`) and Python's
+    keywords: a body whose variables were renamed gives the same sequence."""
+    return ["_" if (t[0].isalpha() or t[0] == "_") and t not in keyword.kwlist and not (i and toks[i - 1] == ".")
+            and not (i + 1 < len(toks) and toks[i + 1] == "=" and i and toks[i - 1] in "(,") else t
+            for i, t in enumerate(toks)]
+
+
+def find_answers(root, out, exercises, window=WINDOW, renamed_window=RENAMED_WINDOW):
+    """Every place in `out` that holds `window` consecutive tokens of a stubbed function's reference body in `root`
+    (the whole body, if shorter), or `renamed_window` of them with the variables renamed: code, docstrings,
+    comments, notebooks and text files alike, less the overlaps ALLOWED_OVERLAPS explains. Returns (leaks,
+    allowed), lists of "file (where): n tokens of module.function's reference body (exercise N): '...'"."""
+    grams = {}  # (renamed?, n, tuple of n tokens) -> (exercise, "module.function")
     for e in exercises:
         for path, qualname in e.functions:
             body = reference_body(open(os.path.join(root, path), encoding="utf-8").read(), qualname)
-            n = min(window, len(body))
-            for i in range(len(body) - n + 1):
-                grams.setdefault((n, tuple(body[i:i + n])), (e, f"{os.path.splitext(path)[0]}.{qualname}"))
-    sizes = sorted({n for n, _ in grams})
+            for rename, w in ((False, window), (True, renamed_window)):
+                toks, n = renamed(body) if rename else body, min(w, len(body))
+                for i in range(len(toks) - n + 1):
+                    grams.setdefault((rename, n, tuple(toks[i:i + n])), (e, f"{os.path.splitext(path)[0]}.{qualname}"))
+    sizes = sorted({(rename, n) for rename, n, _ in grams})
     leaks, allowed = [], []
     for f in repo_files(out):
         for where, stream in text_streams(os.path.join(out, f)):
-            spans = {}  # (exercise, name) -> [[start, end)] of the stream, overlapping windows merged
-            for n in sizes:
+            windows = {}  # (exercise, name) -> [(start, end)] of the matching windows in the stream
+            forms = {False: stream, True: renamed(stream)}
+            for rename, n in sizes:
                 for i in range(len(stream) - n + 1):
-                    hit = grams.get((n, tuple(stream[i:i + n])))
+                    hit = grams.get((rename, n, tuple(forms[rename][i:i + n])))
                     if hit:
-                        runs = spans.setdefault(hit, [])
-                        if runs and i <= runs[-1][1]:
-                            runs[-1][1] = max(runs[-1][1], i + n)
-                        else:
-                            runs.append([i, i + n])
-            for (e, name), runs in spans.items():
+                        windows.setdefault(hit, []).append((i, i + n))
+            for (e, name), found in windows.items():
+                runs = []  # overlapping windows merged into runs
+                for start, end in sorted(found):
+                    if runs and start <= runs[-1][1]:
+                        runs[-1][1] = max(runs[-1][1], end)
+                    else:
+                        runs.append([start, end])
                 for start, end in runs:
                     text = " ".join(stream[start:end])
                     line = (f"{f} ({where}): {end - start} tokens of {name}'s reference body (exercise {e.number}): "

@@ -175,26 +175,37 @@ def test_the_student_copy_holds_no_reference_body(student_copy):
     assert all(line.startswith("data.py (byol_specs)") for line in allowed)
 
 
-@pytest.mark.parametrize("where", ["docstring", "comment", "markdown", "notebook", "other function"])
+@pytest.mark.parametrize("where", ["docstring", "comment", "module comment", "markdown", "notebook", "other function",
+                                   "renamed variables"])
 def test_a_reference_body_pasted_anywhere_is_found(student_copy, tmp_path, where):
-    """Catches a search that misses a body because it was re-indented, re-wrapped, put in a docstring, a
-    comment, a markdown file or a notebook cell, or written out in another function."""
+    """Catches a search that misses a body because it was re-indented, re-wrapped, put in a docstring, a comment
+    (in a function or at module level), a markdown file or a notebook cell, written out in another function, or
+    written out with its variables renamed."""
     out = tmp_path / "copy"
     shutil.copytree(student_copy, out)
     source = open(os.path.join(ROOT, "simclr.py")).read()
     fn = kit.find_function(ast.parse(source), "nt_xent_loss")
     body = source.splitlines()[kit._docstring_node(fn).end_lineno:fn.end_lineno]
+    signature = "def helper(z1, z2, temperature, z1_all=None, z2_all=None, rank=0):\n"
     if where == "docstring":
         path, text = "vit.py", '"""' + "\n".join(line.strip() for line in body) + '"""\n'
     elif where == "comment":
+        path, text = "vit.py", "def helper():\n" + "\n".join("    #   " + line for line in body) + "\n    return 1\n"
+    elif where == "module comment":
         path, text = "vit.py", "\n".join("#   " + line for line in body) + "\n"
     elif where == "markdown":
         path, text = "docs/answers.md", "```python\n" + " ".join(line.strip() for line in body) + "\n```\n"
     elif where == "notebook":
         path, text = "course/answers.ipynb", json.dumps({"cells": [{"cell_type": "code", "source": body}]})
+    elif where == "other function":
+        path, text = "vit.py", signature + "\n".join(body) + "\n"
     else:
-        path, text = "vit.py", "def helper(z1, z2, temperature, z1_all=None, z2_all=None, rank=0):\n" + \
-            "\n".join(body) + "\n"
+        names = {"anchors": "a", "candidates": "c", "logits": "s", "self_idx": "me", "partner_idx": "other", "idx": "j",
+                 "temperature": "tau", "z1_all": "all1", "z2_all": "all2", "z1": "u", "z2": "v", "B": "n", "G": "m",
+                 "rank": "r"}
+        renamed = re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m.group(1)], "\n".join(body))
+        assert renamed != "\n".join(body)
+        path, text = "vit.py", "def helper(u, v, tau, all1=None, all2=None, r=0):\n" + renamed + "\n"
     with open(out / path, "a") as f:
         f.write(text)
     leaks, _ = kit.find_answers(ROOT, str(out), kit.select(None))

@@ -342,6 +342,7 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
+@pytest.mark.needs_simclr_aug  # SwAV's crops are SimCLR's recipe
 def test_show_writes_a_grid(tmp_path):
     out = tmp_path / "v.png"
     data.show("swav", out, rows=3)
