@@ -24,6 +24,16 @@ from common import ROOT, SAMPLE
 
 METHODS = [m for m in ("simclr", "moco", "byol", "swav", "dino") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 SCRIPTS = METHODS + ["eval_linear", "data"]
+# The course's student copy stubs exercises these scripts reach (course/make_student_copy.py): a script's runs wait
+# for its views (exercise 1), the k-NN monitor (4) and its own loss; the markers say so, so that the students'
+# `pytest -m "not needs_<name>"` leaves them out until those exercises are written.
+NEEDS = {"simclr": ["simclr_aug", "knn", "simclr_loss"], "moco": ["simclr_aug", "knn", "moco"],
+         "byol": ["simclr_aug", "knn", "byol"], "swav": ["simclr_aug", "knn", "swav_sinkhorn", "swav_loss"],
+         "dino": ["simclr_aug", "knn", "dino"], "eval_linear": ["simclr_aug", "knn"], "data": ["simclr_aug"]}
+
+
+def needs(script):
+    return [getattr(pytest.mark, f"needs_{name}") for name in NEEDS[script]]
 BAD = ["0", "-1", "1000000000", "inf", "nan", "abc"]  # 1000000000: huge as an int and as a float
 PATHS = {"data_dir", "out", "ckpt", "results"}  # names, not numbers: tried with "-1" only (argparse's quirk: a value
 # that looks like a negative number), as a path that does not exist or a folder to write
@@ -110,7 +120,7 @@ def test_every_option_that_takes_a_number_has_a_checking_type():
     assert not unchecked, unchecked
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [pytest.param(script, marks=needs(script)) for script in SCRIPTS])
 def test_every_option_with_every_breaking_value_ends_in_one_line_or_runs(script, micro_data, micro_vit, tmp_path,
                                                                           monkeypatch, capsys):
     """Catches a value that reaches the code unchecked and ends in a traceback (--batch-size 0: ZeroDivisionError,
@@ -196,7 +206,7 @@ def test_from_a_shell_a_bad_value_is_one_line_on_stderr(args, status, last):
 
 @pytest.mark.parametrize("bad, said", [
     (["--batch-size", "0"], "simclr.py: error: argument --batch-size: 0 is not a positive integer"),
-    (["--data-dir", "no_such_dir"], "--data-dir no_such_dir does not exist"),
+    pytest.param(["--data-dir", "no_such_dir"], "--data-dir no_such_dir does not exist", marks=needs("data")),
 ])
 def test_under_torchrun_one_process_says_it_and_torchrun_reports_it(bad, said, tmp_path):
     """Catches every process printing the same error (once per GPU), and torchrun's failure report without the
@@ -224,6 +234,8 @@ def test_labels_that_make_an_accuracy_meaningless_are_one_line():
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_knn
 def test_one_class_and_a_class_only_in_the_test_split_stop_eval_and_training(micro_vit, tmp_path):
     """Catches k-NN 100.0 and linear 100.00 reported for a one-class folder, by eval_linear.py and by a training
     script's k-NN monitor, and a --val-fraction split that leaves a class in the validation part only (its images
