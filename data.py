@@ -90,6 +90,19 @@ def _rank():
     return int(os.environ.get("RANK", "0") or 0)
 
 
+# Under torchrun the other processes wait this long before they exit quietly, so that rank 0's failure (with its
+# message) is the one torchrun sees first: torchrun stops the rest as soon as one process fails, and reports the
+# earliest failure as the root cause. Without the wait, on a busy machine a quiet rank could end first and the
+# report would say "To enable traceback see ..." instead of the message. It costs nothing when rank 0 fails too.
+QUIET_RANK_WAIT_S = 10
+
+
+def _quiet_exit(status):
+    """A process other than rank 0 ends without a word, after rank 0 has had the time to fail first."""
+    time.sleep(QUIET_RANK_WAIT_S)
+    sys.exit(status)
+
+
 def _torchrun_error_file(line):
     """Under torchrun: `line` as the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so that the failure
     report it prints after the processes exit shows it as the root cause, instead of 'To enable traceback see'."""
@@ -105,7 +118,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         if _rank() != 0:
-            sys.exit(2)
+            _quiet_exit(2)
         _torchrun_error_file(f"{self.prog}: error: {message}")
         super().error(message)
 
@@ -148,7 +161,7 @@ def one_voice():
     except SystemExit as e:
         if isinstance(e.code, str):
             if _rank() != 0:
-                raise SystemExit(1) from None
+                _quiet_exit(1)
             _torchrun_error_file(e.code.strip().splitlines()[-1])
         raise
 
