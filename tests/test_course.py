@@ -280,14 +280,17 @@ def test_grader_full_points_zero_for_a_stub_and_a_wrong_exercise_loses_only_its_
 
 def test_grader_reads_the_concept_not_only_the_value(tmp_path, capsys):
     """Catches a grader that gives an NT-Xent without gradient (computed under no_grad) its gradient points, a
-    Python loop over the batch its vectorized points, or a fast wrong loss its vectorized points."""
+    Python loop over the batch its vectorized points, a fast wrong loss its vectorized points, or a group's points
+    to a loss that fails only some of its cases (here: wrong at temperature 1.0 only)."""
     no_grad = edited("simclr.py", "def nt_xent_loss(", "@torch.no_grad()\ndef nt_xent_loss(")
     loop = edited("simclr.py", "    if z1_all is None:\n        z1_all, z2_all = z1, z2\n",
                   "    if z1_all is None and len(z1) > 1:  # one image at a time, against all candidates\n"
                   "        return sum(nt_xent_loss(z1[i:i + 1], z2[i:i + 1], temperature, z1, z2, rank=i)\n"
                   "                   for i in range(len(z1))) / len(z1)\n"
                   "    if z1_all is None:\n        z1_all, z2_all = z1, z2\n")
-    for name, source in (("no_grad", no_grad), ("loop", loop)):
+    one_case = edited("simclr.py", "logits = anchors @ candidates.T / temperature",
+                      "logits = anchors @ candidates.T / (temperature if temperature != 1.0 else 0.5)")
+    for name, source in (("no_grad", no_grad), ("loop", loop), ("one_case", one_case)):
         submission(tmp_path / "students", name, {"simclr.py": source})
     results, _ = run_grader(tmp_path, ["3"], capsys)
     _, no_grad_groups = scores(results["no_grad"])
@@ -296,6 +299,10 @@ def test_grader_reads_the_concept_not_only_the_value(tmp_path, capsys):
     assert loop_groups == {"3 simclr_loss: value": 4, "3 simclr_loss: gradient": 4, "3 simclr_loss: vectorized": 0,
                            "3 simclr_loss: processes": 2}
     assert "not vectorized" in next(t["output"] for t in results["loop"]["tests"] if t["name"].endswith("vectorized"))
+    _, one_case_groups = scores(results["one_case"])
+    assert one_case_groups["3 simclr_loss: value"] == 0 and one_case_groups["3 simclr_loss: gradient"] == 0
+    assert re.search(r"^1 of \d+ tests failed", next(t["output"] for t in results["one_case"]["tests"]
+                                                     if t["name"].endswith("value")))
 
 
 def test_grader_survives_a_file_that_does_not_import_an_endless_loop_and_edited_tests(tmp_path, capsys):
