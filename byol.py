@@ -431,11 +431,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with data.one_voice():  # under torchrun: one process prints an error, the others exit quietly
-        try:
-            main()
-        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every finished epoch is in the checkpoint
-            ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
-            raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command "
-                             f"with --resume to continue" if os.path.exists(ckpt_path) else
-                             "\ninterrupted in the first epoch")
+    data.run_script(main, get_args_parser)  # one voice under torchrun; Ctrl-C: one line saying how to resume

@@ -166,6 +166,19 @@ def one_voice():
         raise
 
 
+def run_script(main, get_args_parser):
+    """A training script's entry point (`python simclr.py ...`, also under torchrun): main() inside one_voice, and
+    Ctrl-C ended by one line instead of a traceback from wherever the loop was: whether --out's checkpoint holds a
+    finished epoch and how to continue from it."""
+    with one_voice():
+        try:
+            main()
+        except KeyboardInterrupt:
+            ckpt_path = os.path.join(get_args_parser().parse_args().out, "checkpoint.pt")
+            raise SystemExit(f"\ninterrupted: {ckpt_path} holds the last finished epoch; run the same command "
+                             f"with --resume to continue" if os.path.exists(ckpt_path) else
+                             "\ninterrupted in the first epoch")
+
 def _checked(kind, ok, what):
     """An argparse type: text -> kind(text) where ok(value), else argparse's one line naming the flag and the text
     as typed: "argument --lr: -0.1 is not a positive number"."""
