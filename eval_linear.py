@@ -147,7 +147,7 @@ def knn_monitor_loaders(dataset, data_dir, img_size, mean, std, workers, val_fra
     """
     train_set = data.build_dataset(dataset, data_dir, "train")
     if val_fraction:
-        bank_idx, val_idx = stratified_split(labels_of(train_set), val_fraction)
+        bank_idx, val_idx = stratified_split(data.labels(train_set), val_fraction)
         bank_set, query_set = Subset(train_set, bank_idx), Subset(train_set, val_idx)
     else:
         bank_set, query_set = train_set, data.build_dataset(dataset, data_dir, "test")
@@ -266,12 +266,6 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
     with torch.no_grad():
         top1, top5 = accuracy(clf(x_test), test_labels.to(device))
     return {"top1": top1, "top5": top5}
-
-
-def labels_of(dataset):
-    """The class index of every image of a torchvision dataset or ImageFolder (targets), or of STL-10 (labels)."""
-    labels = getattr(dataset, "targets", None)
-    return dataset.labels if labels is None else labels
 
 
 def stratified_split(labels, fraction, seed=0):
@@ -628,10 +622,10 @@ def main(argv=None):
             num_classes = data.num_classes(train_set)
             # fine-tuning's views: batched on the device or PIL in workers (data.build_train_loader, --aug)
             aug_set = data.build_dataset(dataset, data_dir, "train") if args.finetune else None  # its own transform
-            labels = labels_of(train_set)
+            labels = data.labels(train_set)
             if args.label_fraction:  # the labelled images: every protocol sees these and no other train image
                 _, labelled = stratified_split(labels, args.label_fraction, label_seed)
-                labels = [labels[i] for i in labelled]
+                labels = labels[labelled]
                 train_set, aug_set = Subset(train_set, labelled), aug_set and Subset(aug_set, labelled)
             if args.val_fraction:  # the evaluation set is carved out of train; test stays unseen
                 train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)

@@ -207,7 +207,7 @@ class Study:
         root = self.root(task)
         if (root, split) not in self.sets:
             ds = data.build_dataset("folder", root, split)
-            self.sets[root, split] = (ds, list(eval_linear.labels_of(ds)))
+            self.sets[root, split] = (ds, data.labels(ds).tolist())
         return self.sets[root, split]
 
     def found(self, key, command, ckpt=None):

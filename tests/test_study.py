@@ -767,7 +767,7 @@ def test_labelled_images_are_stratified_drawn_per_seed_and_apart_from_their_vali
     the draw's luck), is not the one `eval_linear.py --label-fraction F --label-seed s` draws (the rows' commands
     would not reproduce), or a validation split for the recipe search that overlaps the images it trains on or
     reaches outside the labelled images."""
-    labels = eval_linear.labels_of(data.build_dataset("folder", SAMPLE, "train"))  # 100 of each of 10 classes
+    labels = data.labels(data.build_dataset("folder", SAMPLE, "train")).tolist()  # 100 of each of 10 classes
     draws = [few_label.label_draw(labels, 50, seed) for seed in (0, 1)]
     for d in draws:
         assert len(d) == 50 and torch.bincount(torch.tensor(labels)[d]).tolist() == [5] * 10
@@ -810,7 +810,7 @@ def test_few_label_supervised_never_sees_an_unlabelled_images_label(few):
     """Catches a supervised-from-scratch run (the baseline the pretraining must beat) trained on images outside
     its seed's labelled draw, or a recipe search whose training images include its validation images: every
     supervised run's training images, against the draw and split recomputed here."""
-    labels = eval_linear.labels_of(data.build_dataset("folder", SAMPLE, "train"))
+    labels = data.labels(data.build_dataset("folder", SAMPLE, "train")).tolist()
     supervised = [(r, c) for r, c in few["runs"] if r["trainer"] == "supervised"]
     assert {(r["stage"], r["task"], r["seed"]) for r, _ in supervised} == {
         ("search", "50", 0), ("final", "50", 0), ("final", "50", 1), ("final", "cifar10", 0)}
