@@ -179,6 +179,7 @@ def run_script(main, get_args_parser):
                              f"with --resume to continue" if os.path.exists(ckpt_path) else
                              "\ninterrupted in the first epoch")
 
+
 def _checked(kind, ok, what):
     """An argparse type: text -> kind(text) where ok(value), else argparse's one line naming the flag and the text
     as typed: "argument --lr: -0.1 is not a positive number"."""
