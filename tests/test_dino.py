@@ -51,6 +51,56 @@ def test_update_center_works_in_place_and_ema_update_at_its_end_points():
     check_ema_endpoints(dino.ema_update)
 
 
+def dinov2_targets(teacher, teacher_temp, iterations):
+    """DINOv2's Sinkhorn-Knopp teacher targets as its paper and SwAV's Algorithm describe them, in float64: the
+    (output, sample) table exp(t / tau) over both global crops, normalized to sum 1, then `iterations` times each
+    output's row to 1/K and each sample's column to 1/N; the targets are the columns times N. (N*K, a slow
+    reference with no centre in it.)"""
+    Q = torch.exp(teacher.double().flatten(0, 1) / teacher_temp).T                 # (K, N)
+    K, N = Q.shape
+    Q = Q / Q.sum()
+    for _ in range(iterations):
+        Q = Q / Q.sum(dim=1, keepdim=True) / K
+        Q = Q / Q.sum(dim=0, keepdim=True) / N
+    return (Q * N).T                                                                # (N, K), rows sum to 1
+
+
+@pytest.mark.parametrize("teacher_temp", [0.02, 0.04, 0.07])
+def test_sinkhorn_center_gives_dinov2s_targets(teacher_temp):
+    """Catches a Sinkhorn-Knopp centre whose softmax((t - c) / tau) is not DINOv2's targets: rows and columns
+    rescaled in the other order, an output's rescaling kept from one iteration only, the sample step left out, the
+    temperature applied twice or not at all, the sign of c flipped. Logits in [-1, 1] (the head's cosines), so
+    |t / tau| <= 50 at tau 0.02, and every rounding in the log domain costs up to 50 u = 3e-6 relative on a
+    target: t / tau, two per iteration (each output's and each sample's rescaling), c and the final softmax, about
+    9 in all: 3e-5 relative (measured: 1.0e-5 at tau 0.02, 6.5e-6 at 0.04); a target below float32's smallest
+    normal number (1.2e-38, at tau 0.02) is denormal, compared in absolute terms."""
+    torch.manual_seed(0)
+    t = torch.rand(2, 64, 100) * 2 - 1
+    c = dino.sinkhorn_center(t, teacher_temp)
+    assert c.shape == (100,) and c.dtype == torch.float32
+    q = F.softmax((t.flatten(0, 1) - c) / teacher_temp, dim=-1)
+    torch.testing.assert_close(q.double(), dinov2_targets(t, teacher_temp, 3), rtol=3e-5,
+                               atol=torch.finfo(torch.float32).tiny)
+    # run to convergence, every output takes an equal share of the batch (the equipartition), each sample sums to 1
+    c = dino.sinkhorn_center(t, teacher_temp, iterations=200)
+    q = F.softmax((t.flatten(0, 1) - c) / teacher_temp, dim=-1)
+    torch.testing.assert_close(q.sum(dim=0), torch.full((100,), 128 / 100), rtol=1e-3, atol=0)
+
+
+@pytest.mark.needs_dino
+def test_sinkhorn_centering_reaches_the_loss_and_leaves_the_moving_average(tmp_path, monkeypatch, tiny_data):
+    """Catches --centering sinkhorn not reaching the loss (the moving-average centre used instead, or the centre of
+    another step's teacher output) and a moving average updated and saved beside it: every loss call gets
+    sinkhorn_center of its own teacher logits at its temperature, and the checkpoint's centre stays 0."""
+    calls = Spy(monkeypatch, dino, "dino_loss").calls
+    dino.main(run_args(tmp_path, 1, "--batch-size", "100", "--centering", "sinkhorn", data_dir=tiny_data))
+    assert len(calls) == 2
+    for s, t, center, tau_s, tau_t in calls:
+        torch.testing.assert_close(center, dino.sinkhorn_center(t, tau_t), rtol=0, atol=1e-6)
+        assert center.abs().max() > 1e-3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["center"].abs().max() == 0
+
+
 # ---- model ----
 def tiny_model(K=48, seed=0, norm_last_layer=True):
     torch.manual_seed(seed)
@@ -320,17 +370,20 @@ def test_multicrop_recipe_reaches_student_and_teacher(spied_run, tmp_path, monke
 
 
 @pytest.mark.needs_dino
-def test_two_processes_equal_one_process(tmp_path, tiny_data):
-    """Catches a centre that is not all-reduced (each process would centre on its own half), gradients that are not
-    averaged, and a loss or monitors that differ when the batch is split: one step on the same 200 images, split
-    over two gloo processes or not, gives the same loss, every gradient (the last layer's too: not frozen here),
-    the same teacher entropy and the same saved centre."""
-    argv = run_args(tmp_path, 1, "--batch-size", "200", "--freeze-last-layer", "0", data_dir=tiny_data)
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_two_processes_equal_one_process(tmp_path, tiny_data, centering):
+    """Catches a centre that is not all-reduced (each process would centre on its own half; with sinkhorn, each
+    process would balance the outputs over its own half), gradients that are not averaged, and a loss or monitors
+    that differ when the batch is split: one step on the same 200 images, split over two gloo processes or not,
+    gives the same loss, every gradient (the last layer's too: not frozen here), the same teacher entropy and the
+    same saved centre."""
+    argv = run_args(tmp_path, 1, "--batch-size", "200", "--freeze-last-layer", "0", "--centering", centering,
+                    data_dir=tiny_data)
     argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
     assert_same_first_step("dino", argv, tmp_path)
     c1, c2 = [torch.load(tmp_path / f"world{w}" / "checkpoint.pt", weights_only=True)["state"]["center"]
               for w in (1, 2)]
-    assert c1.abs().max() > 1e-3
+    assert c1.abs().max() > 1e-3 if centering == "ema" else c1.abs().max() == 0  # sinkhorn: no moving average
     torch.testing.assert_close(c2, c1, rtol=1e-4, atol=1e-6)
     (log1,), (log2,) = read_log(tmp_path / "world1"), read_log(tmp_path / "world2")
     assert log1["teacher_entropy"] == pytest.approx(log2["teacher_entropy"], rel=1e-5)
