@@ -196,14 +196,12 @@ def sinkhorn_center(teacher, teacher_temp, iterations=3, distributed=False):
     shift = torch.zeros(x.shape[1], device=x.device)                    # (K,) log a, the outputs' rescalings
     per_sample = torch.zeros(x.shape[0], 1, device=x.device)            # (N, 1) the samples' rescalings, log
     for _ in range(iterations):
-        y = x + shift + per_sample                                      # log of the table, up to a constant
-        top = y.max(dim=0).values                                       # (K,) for a stable exp
-        if distributed:
-            dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        mass = (y - top).exp().sum(dim=0)                               # (K,) each output's mass, over ...
-        if distributed:
-            dist.all_reduce(mass)                                       # ... every process's samples
-        shift -= top + mass.log()                                       # each output's mass: equal (the 1/K)
+        log_mass = (x + shift + per_sample).logsumexp(dim=0)            # (K,) log of each output's mass, over ...
+        if distributed:                                                 # ... every process's samples
+            parts = [torch.empty_like(log_mass) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, log_mass)
+            log_mass = torch.stack(parts).logsumexp(dim=0)
+        shift -= log_mass                                               # each output's mass: equal (the 1/K)
         per_sample = -(x + shift).logsumexp(dim=1, keepdim=True)        # each sample's: 1 (the softmax)
     return -teacher_temp * (shift - shift.mean())
 
