@@ -361,7 +361,7 @@ def test_the_notebook_is_committed_without_outputs():
 def test_the_notebook_runs_on_a_student_copy_with_the_reference_filled_in(tmp_path):
     """Catches a notebook that does not run from set-up to the last cell where students run it (a student copy's
     layout, no instructor's file, every exercise written: the reference): a check or a run that fails, a helper
-    that calls something the copy lacks. COURSE_QUICK=1 shortens its training runs to one epoch of a tenth of
+    that calls something the copy lacks, an exercise whose check cell shows no passing report (each named). COURSE_QUICK=1 shortens its training runs to one epoch of a tenth of
     the sample (a few minutes of CPU in all)."""
     import nbclient  # requirements-dev.txt
     import nbformat
@@ -376,7 +376,11 @@ def test_the_notebook_runs_on_a_student_copy_with_the_reference_filled_in(tmp_pa
     finally:
         del os.environ["COURSE_QUICK"]
     text = "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
-    assert text.count(" passed") == len(kit.EXERCISES) and " failed" not in text  # every exercise's checks
+    checks = {m.group(1): "".join(o.get("text", "") for o in cell.outputs) for cell in nb.cells
+              if cell.cell_type == "code" for m in re.finditer(r'^check\("(\w+)"\)', cell.source, re.M)}
+    assert sorted(checks) == sorted(e.name for e in kit.EXERCISES)  # every exercise's checks, each once
+    for name, output in checks.items():  # each one's own report, so that a failure names the exercise
+        assert " passed" in output and " failed" not in output and " error" not in output, (name, output)
     for script in ("simclr.py", "moco.py", "byol.py", "swav.py", "dino.py"):
         assert f"$ {script} --dataset folder" in text
         assert (out / "runs" / "notebook" / script[:-3] / "log.jsonl").exists()
