@@ -361,8 +361,8 @@ def test_the_notebook_is_committed_without_outputs():
 def test_the_notebook_runs_on_a_student_copy_with_the_reference_filled_in(tmp_path):
     """Catches a notebook that does not run from set-up to the last cell where students run it (a student copy's
     layout, no instructor's file, every exercise written: the reference): a check or a run that fails, a helper
-    that calls something the copy lacks, an exercise whose check cell shows no passing report (each named). COURSE_QUICK=1 shortens its training runs to one epoch of a tenth of
-    the sample (a few minutes of CPU in all)."""
+    that calls something the copy lacks, an exercise whose check cell shows no passing report (each named).
+    COURSE_QUICK=1 shortens its training runs to one epoch of a tenth of the sample (a few minutes of CPU)."""
     import nbclient  # requirements-dev.txt
     import nbformat
     out = tmp_path / "copy"
@@ -371,7 +371,10 @@ def test_the_notebook_runs_on_a_student_copy_with_the_reference_filled_in(tmp_pa
     nb = nbformat.read(str(out / "course" / "assignment.ipynb"), as_version=4)
     os.environ["COURSE_QUICK"] = "1"  # the kernel inherits it
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        # iopub_timeout: how long a cell's printed output may trail the cell's end. nbclient's default (4 s) drops
+        # what comes later, with only a log line: the likely way one check's report went missing in a run here.
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", iopub_timeout=60,
+                                raise_on_iopub_timeout=True,
                                 resources={"metadata": {"path": str(out / "course")}}).execute()
     finally:
         del os.environ["COURSE_QUICK"]
