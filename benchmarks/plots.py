@@ -1,7 +1,7 @@
 """The study's figures, from a study folder (benchmarks/study.py writes them at its end; this redraws them):
 
     python benchmarks/plots.py runs/study            # -> runs/study/figures/*.png
-    python benchmarks/plots.py runs/study --docs     # and copies them to docs/ for the README
+    python benchmarks/plots.py runs/study --docs     # and copies them to docs/ for docs/study.md
 
   curves.png      k-NN top-1 (the runs' own monitor) and loss against epoch, every method, from their log.jsonl
   attention.png   the last block's CLS attention (mean over heads) of every network on the same test images

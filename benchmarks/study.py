@@ -3,7 +3,7 @@ transfer, against which baselines, at what cost, and which of its differences ar
 One command runs it:
 
     python benchmarks/study.py --protocol cpu --docs   # vit_mini/8, CIFAR-10, 3 seeds, about 4 hours on 2 CPU
-                                                       # cores; --docs: the figures also go to docs/ for the README
+                                                       # cores; --docs: the figures also go to docs/ (docs/study.md)
     python benchmarks/study.py --dataset folder --data-dir ~/my_cifar10_tree   # an ImageFolder copy instead
     python benchmarks/study.py --protocol gpu          # ViT-Tiny/4 and ViT-Small/4, all of CIFAR-10, 100 epochs
     python benchmarks/study.py --protocol gpu --archs vit_tiny/4        # one shape of the two
@@ -240,7 +240,7 @@ def get_args_parser():
     g.add_argument("--no-transfer", action="store_true", help="skip the few-label transfer row")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit; writes nothing")
     p.add_argument("--no-figures", action="store_true", help="results and table only")
-    p.add_argument("--docs", action="store_true", help="also copy the figures to docs/ (for the README)")
+    p.add_argument("--docs", action="store_true", help="also copy the figures to docs/ (docs/study.md shows them)")
     return p
 
 

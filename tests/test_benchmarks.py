@@ -1,5 +1,5 @@
 """benchmarks/cost_curve.py and the memory measurement it shares with benchmarks/method_speed.py, on CPU; the
-figures the README shows: the study's attention figures (benchmarks/plots.py; mean over heads and head by head)
+figures docs/study.md shows: the study's attention figures (benchmarks/plots.py; mean over heads and head by head)
 drawn patch by patch with a colour bar, the seeds figure's dots and mean ± std bars, the figures a study folder
 lacks the input of skipped with a note, the view grids (data.py --show) with a header naming every column, and
 the few-label study's learning curve placed at CPU minutes.
