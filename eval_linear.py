@@ -137,17 +137,22 @@ def knn_eval(backbone, train_loader, test_loader, device, k=20, temperature=0.07
     return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)[0]
 
 
-def knn_monitor_loaders(dataset, data_dir, img_size, mean, std, workers, val_fraction=0.0):
+def knn_monitor_loaders(dataset, data_dir, img_size, mean, std, workers, val_fraction=0.0, exclude=()):
     """(memory bank, queries): the un-augmented loaders of the training scripts' k-NN monitor (knn_eval).
 
     val_fraction 0: the train split's labelled images against the test split, the number a run reports.
     val_fraction F in (0, 1): F of every class of the train split held out of the memory bank as the queries
     (stratified_split, seed 0: the same split whatever the run's --seed), a validation score that choices and
     sweeps read instead of the test split. Pretraining still sees the held-out images, without their labels.
+    exclude: train-split indices left out of those queries, for a network trained on some of them with their
+    labels (seed 0's label draw, eval_linear.py --label-fraction F --label-seed 0, comes from the same per-class
+    shuffle: its images are the first of the queries).
     """
     train_set = data.build_dataset(dataset, data_dir, "train")
     if val_fraction:
         bank_idx, val_idx = stratified_split(data.labels(train_set), val_fraction)
+        seen = set(int(i) for i in exclude)
+        val_idx = [i for i in val_idx.tolist() if i not in seen]
         bank_set, query_set = Subset(train_set, bank_idx), Subset(train_set, val_idx)
     else:
         bank_set, query_set = train_set, data.build_dataset(dataset, data_dir, "test")

@@ -286,18 +286,20 @@ class Study:
                    command=command, ckpt=ckpt, ckpt_mtime=ckpt and os.stat(ckpt).st_mtime_ns,
                    device=str(self.device))
         if monitor:
-            row["monitor_knn"] = self.monitor_knn(out["net"][0])
+            row["monitor_knn"] = self.monitor_knn(out["net"][0], fit)
         print(f"[few-label] {key}: top-1 {out['top1']:.2f} on {'validation' if stage == 'search' else 'test'} "
               f"[{out['seconds']:.0f} s]", flush=True)
         return self.keep(row)
 
-    def monitor_knn(self, backbone):
+    def monitor_knn(self, backbone, trained_on):
         """The training scripts' k-NN monitor on `backbone`: the memory bank the train split less the held-out
-        monitor_val_fraction of every class, the held-out images the queries (eval_linear.knn_monitor_loaders)."""
+        monitor_val_fraction of every class, the held-out images the queries (eval_linear.knn_monitor_loaders),
+        less the images `backbone` was trained on with their labels (`trained_on`, train-split indices): seed 0's
+        label draw comes from the same per-class shuffle as those queries, so all its images are among them."""
         cfg = self.cfg
         bank, queries = eval_linear.knn_monitor_loaders("folder", self.plan["data_dir"], cfg["img_size"],
                                                         *data.MEAN_STD["folder"], cfg["workers"],
-                                                        cfg["monitor_val_fraction"])
+                                                        cfg["monitor_val_fraction"], exclude=trained_on.tolist())
         return eval_linear.knn_eval(backbone, bank, queries, self.device)
 
     # -- the recipe search, the final runs, the frozen-feature evaluations --
@@ -324,7 +326,11 @@ class Study:
             return None
         if trainer == "supervised":
             chosen = best([chosen[1], *({**chosen[1], "aug": a} for a in self.cfg["augs"] if a != AUGS_DEFAULT)])
-        chosen = best([chosen[1], *({**chosen[1], "epochs": e} for e in epochs if e != mid)])
+        if chosen is not None:
+            chosen = best([chosen[1], *({**chosen[1], "epochs": e} for e in epochs if e != mid)])
+        if chosen is None:  # a dry run of a study part-way through the search: a later stage lacks rows
+            print(f"[few-label] search:{trainer}:{task}: its later stages wait on the rows above", flush=True)
+            return None
         return {**chosen[1], "val_top1": chosen[0]["top1"]}
 
     def features(self, method, task):
@@ -457,7 +463,8 @@ def write_table(s, argv):
         return None if seconds is None else seconds / 3600
 
     pre = {m: by_key.get(f"pretrain:{m}") for m in methods}
-    pre_cpu = {m: pre[m] and pre[m].get("cpu_seconds") for m in methods}
+    # a pretraining resumed after an interruption recorded the resumed part's CPU time only: no cost, not a low one
+    pre_cpu = {m: pre[m].get("cpu_seconds") if pre[m] and not pre[m].get("resumed") else None for m in methods}
     total = len(s.dataset("cifar10", "train")[1])
     tasks = [(str(n), n, f"{n:,} ({n / total:.0%})") for n in cfg["labels"]] + [("cifar10", None, f"{total:,} (all)")]
     if cfg["transfer"]:
@@ -519,7 +526,9 @@ def write_table(s, argv):
         "- **Cost** (after each number): CPU hours (user + system time of all its processes; 2 cores give about 2 "
         "CPU hours an hour): supervised, its own training; k-NN and probe, the pretraining's (the probe itself "
         "takes seconds); fine-tune, the pretraining's plus the fine-tune's. The pretraining is paid once for every "
-        f"label count and seed. The recipe search cost {search_cpu / 3600:.2f} CPU hours in all, not in the cells.",
+        f"label count and seed. The recipe search cost {search_cpu / 3600:.2f} CPU hours in all, not in the cells."
+        + "".join(f" {study.LABELS[m]}'s pretraining was resumed after an interruption and recorded the resumed "
+                  f"part's CPU time only: its cells have no cost." for m in methods if pre[m] and pre[m].get("resumed")),
     ]
     tests = []
     for task, n, label in tasks:

@@ -374,7 +374,8 @@ def few_label_curve(study_dir, out):
     fraction of every class; queries: that fraction) against CPU minutes, for each pretraining of a few-label
     study (pretraining_curve) and for the supervised networks trained from scratch on the fewest labels in its
     recipe search (each a complete run of its epochs at the recipe the search chose; its CPU time the run's own,
-    x). Where the lines cross, the same CPU buys the pretraining better features. NoFigure without them."""
+    x; its queries less the images it trained on). Where the lines cross, the same CPU buys the pretraining better
+    features. NoFigure without them."""
     with open(os.path.join(study_dir, "study.json")) as f:
         plan = json.load(f)
     rows = [json.loads(s) for s in open(os.path.join(study_dir, "results.jsonl")) if s.strip()] if os.path.exists(
@@ -392,7 +393,8 @@ def few_label_curve(study_dir, out):
     if searched and chosen:  # the recipe the search chose: its lr and augmentation, at every epoch count it tried
         pts = sorted((r["cpu_seconds"] / 60, r["monitor_knn"]) for r in searched
                      if (r["lr"], r["aug"]) == (chosen["lr"], chosen["aug"]))
-        curves[f"supervised on {n:,} labels"] = (pts, "black")
+        fit = round(n * (1 - plan["cfg"]["val_fraction"]))  # the search trains on the rest of the labelled images
+        curves[f"supervised, {fit:,} of the {n:,} labels (search runs)"] = (pts, "black")
     if not curves:
         raise NoFigure("no pretraining log with its CPU time and no supervised search run with the k-NN monitor")
     plt = pyplot()

@@ -300,7 +300,7 @@ def test_few_label_curve_puts_each_epoch_at_its_cpu_minutes(tmp_path, monkeypatc
                      "lr": lr, "aug": aug, "cpu_seconds": cpu, "monitor_knn": knn, "top1": 20.0})
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "study.json").write_text(json.dumps({
-        "protocol": "few-label", "cfg": {"labels": [500, 5000], "monitor_val_fraction": 0.1},
+        "protocol": "few-label", "cfg": {"labels": [500, 5000], "monitor_val_fraction": 0.1, "val_fraction": 0.2},
         "pretrainings": [{"model": "simclr", "run_dir": str(run_dir)}]}))
     figures = saved_figures(monkeypatch)
     assert plots.main([str(tmp_path)]) == [str(tmp_path / "figures" / "few_label_curve.png")]
@@ -308,4 +308,5 @@ def test_few_label_curve_puts_each_epoch_at_its_cpu_minutes(tmp_path, monkeypatc
     lines = {line.get_label(): list(zip(*line.get_data())) for line in fig.axes[0].lines}
     # epoch 2 after 200 training seconds: 200 x 1.5 / 60 = 5 CPU minutes; epoch 3 after 400: 10
     assert lines["SimCLR"] == [(0.0, 30.0), (5.0, 45.0), (10.0, 50.0)]
-    assert lines["supervised on 500 labels"] == [(1.0, 33.0), (4.0, 36.0)]  # the chosen lr and augmentation only
+    assert lines["supervised, 400 of the 500 labels (search runs)"] == [(1.0, 33.0), (4.0, 36.0)]  # the chosen
+    # lr and augmentation only

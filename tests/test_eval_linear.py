@@ -416,8 +416,9 @@ def test_main_usage_errors():
 
 def test_knn_monitor_validation_queries_are_held_out_of_train(tiny_data):
     """Catches a validation monitor (the training scripts' --val-fraction) that reads the test split, keeps its
-    queries in the memory bank too (each query would find itself), loses train images, or is not stratified; and
-    a plain monitor (0) that is not train against test."""
+    queries in the memory bank too (each query would find itself), loses train images, or is not stratified; a
+    plain monitor (0) that is not train against test; and queries that keep images it was told to leave out (a
+    network's own training images) or a bank that loses them."""
     def images(loader):
         return [(x.numpy().tobytes(), int(y)) for xb, yb in loader for x, y in zip(xb, yb)]
 
@@ -430,3 +431,11 @@ def test_knn_monitor_validation_queries_are_held_out_of_train(tiny_data):
     assert sorted(bank + queries) == sorted(train)  # every query from train, none in the bank, no image lost
     assert not {x for x, _ in queries} & {x for x, _ in test} and not {x for x, _ in queries} & {x for x, _ in bank}
     assert sorted(y for _, y in queries) == sorted(list(range(10)) * 4)  # 0.2 of each class's 20 images
+    train_set = data.build_dataset("folder", tiny_data, "train")  # the queries less images a network trained on:
+    held = eval_linear.stratified_split(data.labels(train_set), 0.2)[1].tolist()
+    banked = next(i for i in range(len(train_set)) if i not in held)  # excluded from the queries: stays in the bank
+    bank2, fewer = (images(loader) for loader in eval_linear.knn_monitor_loaders("folder", tiny_data, 32, *mean_std,
+                                                                                  0, 0.2, exclude=held[:5] + [banked]))
+    gone = {x for x, _ in images(data.build_eval_loader(torch.utils.data.Subset(train_set, held[:5]), 32,
+                                                            *mean_std, 256, 0))}
+    assert bank2 == bank and len(fewer) == len(queries) - 5 and not {x for x, _ in fewer} & gone

@@ -785,14 +785,19 @@ def few(tmp_path_factory):
     """One complete few-label study on the sample, with every network's training recorded: the backbone it started
     from and the train-split indices of the images (and labels) it trained on."""
     out = str(tmp_path_factory.mktemp("few") / "out")
-    calls, real = [], study.train_eval
+    calls, real, monitors, real_loaders = [], study.train_eval, [], eval_linear.knn_monitor_loaders
 
     def recording(backbone, aug_set, *args, **kwargs):
         calls.append({"start": {k: v.clone() for k, v in backbone.state_dict().items()},
                       "images": {int(i) for i in data._base(aug_set)[1]}})
         return real(backbone, aug_set, *args, **kwargs)
+
+    def recording_loaders(*args, **kwargs):  # the few-label k-NN monitor: the images it leaves out of its queries
+        monitors.append({int(i) for i in kwargs.get("exclude", ())})
+        return real_loaders(*args, **kwargs)
     mp = pytest.MonkeyPatch()
     mp.setattr(study, "train_eval", recording)
+    mp.setattr(eval_linear, "knn_monitor_loaders", recording_loaders)
     try:
         table = study.main([*FEW, "--out", out])
     finally:
@@ -800,7 +805,7 @@ def few(tmp_path_factory):
     rows = read_jsonl(os.path.join(out, "results.jsonl"))
     trained = [r for r in rows if r.get("stage") in ("search", "final")]  # written in the order they trained
     assert len(trained) == len(calls)
-    return {"out": out, "table": table, "rows": rows, "runs": list(zip(trained, calls))}
+    return {"out": out, "table": table, "rows": rows, "runs": list(zip(trained, calls)), "monitors": monitors}
 
 
 @pytest.mark.needs_simclr_aug
@@ -825,6 +830,65 @@ def test_few_label_supervised_never_sees_an_unlabelled_images_label(few):
             assert r["num_eval"] == len(val) == 10
         else:
             assert c["images"] == drawn, r["key"]
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_monitor_never_scores_a_network_on_images_it_trained_on(few):
+    """Catches the learning curve's supervised points scored by the k-NN monitor on queries that include the
+    images the network was trained on with their labels: seed 0's label draw comes from the same per-class
+    shuffle as the monitor's held-out queries, so all of it lies among them and the curve would flatter the
+    supervised runs. What the monitor was told to leave out, against the run's own training images (that
+    knn_monitor_loaders leaves them out: test_eval_linear's monitor test)."""
+    labels = data.labels(data.build_dataset("folder", SAMPLE, "train")).tolist()
+    held_out = set(eval_linear.stratified_split(labels, 0.2)[1].tolist())  # --monitor-val-fraction 0.2
+    monitored = [(r, c) for r, c in few["runs"] if r.get("monitor_knn") is not None]
+    assert monitored and len(monitored) == len(few["monitors"])
+    for (r, c), excluded in zip(monitored, few["monitors"]):
+        assert c["images"] & held_out, r["key"]  # the overlap this guards against is there to remove
+        assert excluded == c["images"], r["key"]
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_dry_run_of_a_study_part_way_through_its_search(few, tmp_path, capsys):
+    """Catches a --dry-run that crashes (a TypeError on a missing stage) on a study stopped after the lr stage of
+    a recipe search, before its augmentation stage: the study's folder with those rows taken out."""
+    out = tmp_path / "part"
+    shutil.copytree(few["out"], out)
+    rows = [r for r in few["rows"] if not (r.get("stage") == "search" and r["trainer"] == "supervised" and
+                                           r["aug"] != few_label.AUGS_DEFAULT)]
+    assert len(rows) < len(few["rows"])
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.main([*FEW, "--out", str(out), "--dry-run"]) is None
+    printed = capsys.readouterr().out
+    assert "search:supervised:50: its later stages wait on the rows above" in printed
+    assert "search:supervised:50:s0:lr0.001:weak:ep1: python eval_linear.py" in printed  # what is left, listed
+
+
+@pytest.mark.needs_simclr_aug
+@pytest.mark.needs_simclr_loss
+@pytest.mark.needs_knn
+def test_few_label_table_gives_a_resumed_pretraining_no_cost(few):
+    """Catches a cost cell built on a pretraining that was resumed after an interruption: its row's CPU time
+    covers the resumed part only, so the cell would understate it. The study's folder (its rows name it: a copy
+    would be another study) with that row marked for the test's length."""
+    path = os.path.join(few["out"], "results.jsonl")
+    kept = open(path).read()
+    rows = [{**r, "resumed": True} if r.get("key") == "pretrain:simclr" else r for r in few["rows"]]
+    try:
+        with open(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        table = study.main([*FEW, "--out", few["out"]])
+        assert len(read_jsonl(path)) == len(rows)  # nothing trained again
+    finally:
+        with open(path, "w") as f:
+            f.write(kept)
+    row50 = next([c.strip() for c in s.strip("|").split("|")] for s in table.splitlines() if s.startswith("| 50 "))
+    assert row50[1].endswith(" h") and not any(c.endswith(" h") for c in row50[2:]), row50
+    assert "SimCLR's pretraining was resumed after an interruption" in table
 
 
 @pytest.mark.needs_simclr_aug
