@@ -464,7 +464,8 @@ def write_table(s, argv):
 
     pre = {m: by_key.get(f"pretrain:{m}") for m in methods}
     # a pretraining resumed after an interruption recorded the resumed part's CPU time only: no cost, not a low one
-    pre_cpu = {m: pre[m].get("cpu_seconds") if pre[m] and not pre[m].get("resumed") else None for m in methods}
+    resumed = [m for m in methods if pre[m] and pre[m].get("resumed")]
+    pre_cpu = {m: pre[m].get("cpu_seconds") if pre[m] and m not in resumed else None for m in methods}
     total = len(s.dataset("cifar10", "train")[1])
     tasks = [(str(n), n, f"{n:,} ({n / total:.0%})") for n in cfg["labels"]] + [("cifar10", None, f"{total:,} (all)")]
     if cfg["transfer"]:
@@ -528,7 +529,7 @@ def write_table(s, argv):
         "takes seconds); fine-tune, the pretraining's plus the fine-tune's. The pretraining is paid once for every "
         f"label count and seed. The recipe search cost {search_cpu / 3600:.2f} CPU hours in all, not in the cells."
         + "".join(f" {study.LABELS[m]}'s pretraining was resumed after an interruption and recorded the resumed "
-                  f"part's CPU time only: its cells have no cost." for m in methods if pre[m] and pre[m].get("resumed")),
+                  f"part's CPU time only: its cells have no cost." for m in resumed),
     ]
     tests = []
     for task, n, label in tasks:

@@ -393,8 +393,7 @@ def few_label_curve(study_dir, out):
     if searched and chosen:  # the recipe the search chose: its lr and augmentation, at every epoch count it tried
         pts = sorted((r["cpu_seconds"] / 60, r["monitor_knn"]) for r in searched
                      if (r["lr"], r["aug"]) == (chosen["lr"], chosen["aug"]))
-        fit = round(n * (1 - plan["cfg"]["val_fraction"]))  # the search trains on the rest of the labelled images
-        curves[f"supervised, {fit:,} of the {n:,} labels (search runs)"] = (pts, "black")
+        curves[f"supervised, {searched[0]['num_train']:,} of the {n:,} labels (search runs)"] = (pts, "black")
     if not curves:
         raise NoFigure("no pretraining log with its CPU time and no supervised search run with the k-NN monitor")
     plt = pyplot()

@@ -297,10 +297,10 @@ def test_few_label_curve_puts_each_epoch_at_its_cpu_minutes(tmp_path, monkeypatc
             {"key": "recipe:supervised:500", "lr": 1e-3, "aug": "strong"}]
     for lr, aug, cpu, knn in ((1e-3, "strong", 60.0, 33.0), (1e-3, "strong", 240.0, 36.0), (2e-3, "default", 120.0, 40.0)):
         rows.append({"key": f"search:{lr}:{aug}:{cpu}", "stage": "search", "trainer": "supervised", "task": "500",
-                     "lr": lr, "aug": aug, "cpu_seconds": cpu, "monitor_knn": knn, "top1": 20.0})
+                     "lr": lr, "aug": aug, "cpu_seconds": cpu, "monitor_knn": knn, "top1": 20.0, "num_train": 400})
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "study.json").write_text(json.dumps({
-        "protocol": "few-label", "cfg": {"labels": [500, 5000], "monitor_val_fraction": 0.1, "val_fraction": 0.2},
+        "protocol": "few-label", "cfg": {"labels": [500, 5000], "monitor_val_fraction": 0.1},
         "pretrainings": [{"model": "simclr", "run_dir": str(run_dir)}]}))
     figures = saved_figures(monkeypatch)
     assert plots.main([str(tmp_path)]) == [str(tmp_path / "figures" / "few_label_curve.png")]
