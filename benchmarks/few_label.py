@@ -557,7 +557,9 @@ def write_table(s, argv):
         best = {col: sum(v.values()) / len(v) for (t, col), v in seeds_of.items() if t == str(n) and v}
         if best:
             col = max(best, key=best.get)
-            lines += ["", f"Towards the all-label line: with {n:,} labels the best cell ({col}) reaches "
+            m, _, how = col.partition(" + ")
+            lines += ["", f"Towards the all-label line: with {n:,} labels the best cell "
+                          f"({study.LABELS.get(m, m)}{' + ' + how if how else ''}) reaches "
                           f"{best[col]:.1f}, against {top[0]:.1f} for supervised on all {total:,} labels "
                           f"({best[col] - top[0]:+.1f} points)."]
     lines += ["", f"Command: `{study.study_command(argv)}`",
