@@ -34,7 +34,8 @@ The recipe search (search()), per trainer (supervised from scratch, or a pretrai
 seed 0's training / validation split of the labelled images, each point a complete run scored by its validation
 top-1: (1) the lr grid at the middle epoch count and the default augmentation; (2) supervised from scratch only:
 the other augmentation strengths at the best lr (a pretrained network is fine-tuned with crop + flip, as SimCLR
-App. B.5); (3) the other epoch counts at the best lr and augmentation. Ties go to the earlier grid point.
+App. B.5); (3) the other epoch counts at the best lr and augmentation; (4) while the longest epoch count wins, its
+double, up to the task's max_epochs. Ties go to the earlier grid point.
 
 Resume: every finished run is a row of <out>/results.jsonl, with its command and, for a pretrained network, its
 checkpoint's modification time; a row is not run again while both match. The pretrainings resume with the
@@ -72,12 +73,14 @@ FEW_LABEL = dict(
     val_fraction=0.2,                          # of each class of the labelled images: the recipe search's queries
     lrs=[5e-4, 1e-3, 2e-3],                    # AdamW, per 256 images (eval_linear's --finetune-lr)
     augs=["default", "weak", "strong"],        # AUGS; the first is the default
-    # per task: batch, the epoch grid (the middle one first in the search)
-    # 500 labels: 50 / 100 / 200 first; 200 won on seed 0's validation split (41 against 38, 34), the grid's edge,
-    # so the grid was widened by a doubling each side (the middle, where the search starts, stays 100)
-    search={"500": dict(batch_size=64, epochs=[25, 50, 100, 200, 400]),
-            "5000": dict(batch_size=128, epochs=[10, 20, 40]),
-            "transfer": dict(batch_size=128, epochs=[15, 30, 60])},
+    # per task: batch, the epoch grid (the middle one first in the search), and max_epochs: while the grid's longest
+    # point wins, the search tries its double, up to max_epochs, the doublings that keep a run within the images
+    # the hour's pretraining saw (18 x 50,000 = 900,000: 1,800 epochs of 500 images, 180 of 5,000, 450 of 2,000).
+    # 500 labels: 50 / 100 / 200 first; 200 won at the edge, so the grid was widened by a doubling each side (the
+    # middle, where the search starts, stays 100) before the doubling rule existed; 400 lost.
+    search={"500": dict(batch_size=64, epochs=[25, 50, 100, 200, 400], max_epochs=1600),
+            "5000": dict(batch_size=128, epochs=[10, 20, 40], max_epochs=160),
+            "transfer": dict(batch_size=128, epochs=[15, 30, 60], max_epochs=240)},
 )
 
 AUGS_DEFAULT = "default"
@@ -118,7 +121,7 @@ def resolve(args):
                          "transfer": cfg["search"]["transfer"]}
     if args.search_epochs:
         for task in cfg["search"].values():
-            task["epochs"] = args.search_epochs
+            task["epochs"], task["max_epochs"] = args.search_epochs, max(args.search_epochs)  # the grid as given
     if args.search_batch_size:
         for task in cfg["search"].values():
             task["batch_size"] = args.search_batch_size
@@ -324,12 +327,17 @@ class Study:
         chosen = best([{**base, "lr": lr} for lr in self.cfg["lrs"]])
         if chosen is None:
             print(f"[few-label] search:{trainer}:{task}: then {'the other augmentations, then ' if trainer == 'supervised' else ''}"
-                  f"epochs {', '.join(str(e) for e in epochs if e != mid)} at the best lr", flush=True)
+                  f"epochs {', '.join(str(e) for e in epochs if e != mid)} at the best lr (doubled while the longest "
+                  f"wins, up to {grid['max_epochs']})", flush=True)
             return None
         if trainer == "supervised":
             chosen = best([chosen[1], *({**chosen[1], "aug": a} for a in self.cfg["augs"] if a != AUGS_DEFAULT)])
         if chosen is not None:
             chosen = best([chosen[1], *({**chosen[1], "epochs": e} for e in epochs if e != mid)])
+        longest = max(epochs)
+        while chosen is not None and chosen[1]["epochs"] == longest and 2 * longest <= grid["max_epochs"]:
+            longest *= 2  # (4) the longest won: its double, against it (a tie keeps the shorter)
+            chosen = best([chosen[1], {**chosen[1], "epochs": longest}])
         if chosen is None:  # a dry run of a study part-way through the search: a later stage lacks rows
             print(f"[few-label] search:{trainer}:{task}: its later stages wait on the rows above", flush=True)
             return None
@@ -525,7 +533,7 @@ def write_table(s, argv):
           "network and a new head trained end to end on them with the recipe the search chose for it "
           "(crop + flip)." % cfg["batch_size"],
         "- **Recipes** (the search: the lr grid at the middle epochs, the augmentations for supervised, then the "
-        f"epochs; seed 0's validation split): " + ("; ".join(recipes) or "none yet") + ".",
+        f"epochs, doubled while the longest wins; seed 0's validation split): " + ("; ".join(recipes) or "none yet") + ".",
         "- **Cost** (after each number): CPU hours (user + system time of all its processes; 2 cores give about 2 "
         "CPU hours an hour): supervised, its own training; k-NN and probe, the pretraining's (the probe itself "
         "takes seconds); fine-tune, the pretraining's plus the fine-tune's. The pretraining is paid once for every "

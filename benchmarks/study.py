@@ -227,7 +227,8 @@ def get_args_parser():
     g.add_argument("--labels", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="N,N",
                    help="the label counts, e.g. 500,5000 (default: the protocol's)")
     g.add_argument("--search-epochs", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="E,E,E",
-                   help="the recipe search's epoch grid for every label count (default: the protocol's)")
+                   help="the recipe search's epoch grid for every label count, not doubled beyond its longest "
+                        "(default: the protocol's)")
     g.add_argument("--search-lrs", type=lambda t: [float(x) for x in t.split(",")], default=None, metavar="LR,LR",
                    help="the recipe search's lr grid, per 256 images (default: the protocol's)")
     g.add_argument("--search-batch-size", type=int, default=None, help="the few-label runs' batch (default: the "

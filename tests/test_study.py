@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 import zipfile
 
 import pytest
@@ -843,6 +844,23 @@ def test_labelled_images_are_stratified_drawn_per_seed_and_apart_from_their_vali
     assert set(train.tolist()).isdisjoint(val.tolist()) and set(train.tolist()) | set(val.tolist()) == set(
         draws[0].tolist())
     assert torch.bincount(torch.tensor(labels)[val]).tolist() == [1] * 10  # 20% of each class's 5
+
+
+@pytest.mark.parametrize("peak, tried, chosen", [(40, [20, 10, 40, 80], 40), (160, [20, 10, 40, 80, 160], 160),
+                                                 (10_000, [20, 10, 40, 80, 160], 160), (20, [20, 10, 40], 20)])
+def test_few_label_search_doubles_the_epochs_while_the_longest_wins(peak, tried, chosen):
+    """Catches a recipe search that stops at its grid's longest epoch count while that one still wins (the
+    supervised baseline cut short: a strawman), one that doubles past max_epochs, or one that goes on doubling
+    after a longer run lost: validation top-1 peaking at `peak` epochs, the epochs tried in order, the choice."""
+    cfg = dict(lrs=[1e-3], augs=[few_label.AUGS_DEFAULT], search={"5000": dict(batch_size=8, epochs=[10, 20, 40],
+                                                                                max_epochs=160)})
+    runs = []
+
+    def run(stage, trainer, task, seed, recipe, n=None, monitor=False):
+        runs.append(recipe["epochs"])
+        return {"top1": -abs(math.log2(recipe["epochs"] / peak))}  # validation top-1, highest at `peak` epochs
+    recipe = few_label.Study.search(types.SimpleNamespace(cfg=cfg, run=run), "simclr", "5000", 5000)
+    assert list(dict.fromkeys(runs)) == tried and recipe["epochs"] == chosen  # a point asked again: its row, reused
 
 
 @pytest.fixture(scope="module")
