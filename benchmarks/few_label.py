@@ -472,6 +472,10 @@ def write_table(s, argv):
     def hours(seconds):
         return None if seconds is None else seconds / 3600
 
+    def named(col):  # a column's key as the table names it: "simclr + probe" -> "SimCLR + probe"
+        m, _, how = col.partition(" + ")
+        return study.LABELS.get(m, m) + (f" + {how}" if how else "")
+
     pre = {m: by_key.get(f"pretrain:{m}") for m in methods}
     # a pretraining resumed after an interruption recorded the resumed part's CPU time only: no cost, not a low one
     resumed = [m for m in methods if pre[m] and pre[m].get("resumed")]
@@ -552,9 +556,8 @@ def write_table(s, argv):
         adjusted = study.holm([p[3] for _, p in family])
         claims = []
         for (col, (d, _, t, p)), q in zip(family, adjusted):
-            m, how = col.split(" + ")
             verdict = ("above" if d > 0 else "below") if q < study.ALPHA else "not shown to differ from"
-            claims.append(f"{study.LABELS[m]} + {how} {verdict} supervised ({d:+.1f}, t = {t:.1f}, Holm p = {q:.3f})")
+            claims.append(f"{named(col)} {verdict} supervised ({d:+.1f}, t = {t:.1f}, Holm p = {q:.3f})")
         tests.append(f"- {label}: " + "; ".join(claims) + ".")
     if tests:
         lines += ["", f"Against supervised from scratch, per label count: paired t-tests over the seeds (seed s of "
@@ -565,9 +568,7 @@ def write_table(s, argv):
         best = {col: sum(v.values()) / len(v) for (t, col), v in seeds_of.items() if t == str(n) and v}
         if best:
             col = max(best, key=best.get)
-            m, _, how = col.partition(" + ")
-            lines += ["", f"Towards the all-label line: with {n:,} labels the best cell "
-                          f"({study.LABELS.get(m, m)}{' + ' + how if how else ''}) reaches "
+            lines += ["", f"Towards the all-label line: with {n:,} labels the best cell ({named(col)}) reaches "
                           f"{best[col]:.1f}, against {top[0]:.1f} for supervised on all {total:,} labels "
                           f"({best[col] - top[0]:+.1f} points)."]
     lines += ["", f"Command: `{study.study_command(argv)}`",

@@ -535,12 +535,9 @@ def test_committed_few_label_table_is_what_the_committed_rows_say():
     by_key = {r["key"]: r for r in rows}
     lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
     start = next(i for i, s in enumerate(lines) if s.startswith("| labels | supervised from scratch |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    table = []
-    for s in lines[start + 2:]:
-        if not s.startswith("| "):
-            break
-        table.append([c.strip() for c in s.strip("|").split("|")])
+    cells = table_cells("\n".join(lines[start:]))
+    header = ["labels", *cells.pop("labels")]
+    table = [[label, *row] for label, row in cells.items()]
 
     def cell(values, seconds):
         text = (f"{values[0]:.1f}" if len(values) == 1
