@@ -46,6 +46,7 @@ unlabelled images (a `distill` trainer after final(): the teacher is the final f
 --keep-networks, its soft labels on all 50,000 images the targets).
 """
 import json
+import math
 import os
 import shlex
 import sys
@@ -75,7 +76,9 @@ FEW_LABEL = dict(
     augs=["default", "weak", "strong"],        # AUGS; the first is the default
     # per task: batch, the epoch grid (the middle one first in the search), and max_epochs: while the grid's longest
     # point wins, the search tries its double, up to max_epochs, the doublings that keep a run within the images
-    # the hour's pretraining saw (18 x 50,000 = 900,000: 1,800 epochs of 500 images, 180 of 5,000, 450 of 2,000).
+    # the hour's pretraining saw (image_budget, 18 x 50,000: 1,800 epochs of 500 images, 180 of 5,000, 450 of
+    # 2,000; epoch_cap). Another count (--labels): the grid of the nearer count here, capped the same way.
+    image_budget=900_000,
     # 500 labels: 50 / 100 / 200 first; 200 won at the edge, so the grid was widened by a doubling each side (the
     # middle, where the search starts, stays 100) before the doubling rule existed; 400 lost.
     search={"500": dict(batch_size=64, epochs=[25, 50, 100, 200, 400], max_epochs=1600),
@@ -117,7 +120,7 @@ def resolve(args):
         cfg["full_label_epochs"] = args.supervised_epochs
     if args.labels:
         cfg["labels"] = args.labels
-        cfg["search"] = {**{str(n): cfg["search"].get(str(n), cfg["search"]["500"]) for n in args.labels},
+        cfg["search"] = {**{str(n): cfg["search"].get(str(n)) or other_count(cfg, n) for n in args.labels},
                          "transfer": cfg["search"]["transfer"]}
     if args.search_epochs:
         for task in cfg["search"].values():
@@ -132,6 +135,23 @@ def resolve(args):
         cfg["monitor_val_fraction"] = args.monitor_val_fraction
     cfg["transfer"] = not args.no_transfer
     return cfg
+
+
+def epoch_cap(longest, n, budget):
+    """The longest doubling of `longest` epochs whose run on n images stays within `budget` images (at least
+    `longest`): how far the recipe search may double its grid."""
+    cap = longest
+    while 2 * cap * n <= budget:
+        cap *= 2
+    return cap
+
+
+def other_count(cfg, n):
+    """The recipe search's grid for n labels where FEW_LABEL has none: the batch and epochs of the count it lists
+    nearest on a log scale (500 or 5,000), max_epochs capped by the pretraining's images (epoch_cap)."""
+    near = min((k for k in cfg["search"] if k.isdigit()), key=lambda k: abs(math.log(n / int(k))))
+    grid = dict(cfg["search"][near])
+    return {**grid, "max_epochs": epoch_cap(max(grid["epochs"]), n, cfg["image_budget"])}
 
 
 # ---- the labelled images ----

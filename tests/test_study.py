@@ -860,6 +860,23 @@ def test_few_label_search_doubles_the_epochs_while_the_longest_wins(peak, tried,
     assert list(dict.fromkeys(runs)) == tried and recipe["epochs"] == chosen  # a point asked again: its row, reused
 
 
+def test_few_label_search_never_doubles_past_the_pretrainings_images():
+    """Catches a recipe search allowed more training than the hour's pretraining saw: the listed tasks' max_epochs
+    against the image budget (500 labels, 5,000, tinyimagenet20's 2,000 train images), and a label count the table
+    does not list (--labels) taking another count's cap (500's 1,600 epochs: 1.6 million images of 1,000) instead
+    of the nearer grid capped by its own images."""
+    cfg, budget = few_label.FEW_LABEL, few_label.FEW_LABEL["image_budget"]
+    assert budget == cfg["hour_epochs"]["simclr"] * 50_000
+    for task, n in (("500", 500), ("5000", 5000), ("transfer", 2000)):
+        grid = cfg["search"][task]
+        assert grid["max_epochs"] == few_label.epoch_cap(max(grid["epochs"]), n, budget)
+        assert grid["max_epochs"] * n <= budget < 2 * grid["max_epochs"] * n
+    for n, like, cap in ((1000, "500", 800), (50, "500", 12_800), (20_000, "5000", 40), (2000, "5000", 320)):
+        args = study.get_args_parser().parse_args(["--protocol", "few-label", "--labels", f"500,{n}"])
+        grid = few_label.resolve(args)["search"][str(n)]
+        assert grid == {**cfg["search"][like], "max_epochs": cap}
+
+
 @pytest.fixture(scope="module")
 def few(tmp_path_factory):
     """One complete few-label study on the sample, with every network's training recorded: the backbone it started
