@@ -150,7 +150,7 @@ def other_count(cfg, n):
     """The recipe search's grid for n labels where FEW_LABEL has none: the batch and epochs of the count it lists
     nearest on a log scale (500 or 5,000), max_epochs capped by the pretraining's images (epoch_cap)."""
     near = min((k for k in cfg["search"] if k.isdigit()), key=lambda k: abs(math.log(n / int(k))))
-    grid = dict(cfg["search"][near])
+    grid = cfg["search"][near]
     return {**grid, "max_epochs": epoch_cap(max(grid["epochs"]), n, cfg["image_budget"])}
 
 
