@@ -1,7 +1,7 @@
 """The few-label study (issue 31): a user has 500 or 5,000 labelled CIFAR-10 images and the rest without labels.
 Should they pretrain on all the images first, and how much does it buy them? One command (the study's):
 
-    python benchmarks/study.py --protocol few-label --docs       # about 6 h on 2 idle CPU cores (docs/study.md)
+    python benchmarks/study.py --protocol few-label --docs       # over 11 h on 2 idle CPU cores (docs/study.md)
     python benchmarks/study.py --protocol few-label --dry-run    # every network and evaluation, nothing run
 
 What it trains and measures (the settings: FEW_LABEL below; CIFAR-10's 50,000 / 10,000 images, vit_mini/8 at 32 px):

@@ -575,7 +575,7 @@ def test_committed_few_label_table_is_what_the_committed_rows_say():
                 frozen = [by_key[f"frozen:{method}:{task}:s{s}"] for s in seeds]
                 want = cell([r["knn_top1" if how == "k-NN" else "linear_top1"] for r in frozen], pre)
             assert text == want, (line[0], col)
-    assert {"500", "5000", "cifar10"} <= set(seen), seen  # every CIFAR-10 label count and the all-label line
+    assert {"500", "5000", "cifar10", "transfer"} <= set(seen), seen  # every label count, all labels, transfer
     docs = open(os.path.join(ROOT, "docs", "study.md")).read()
     assert "\n".join(lines[start:start + 2 + len(table)]) in docs  # docs/study.md shows the same table
     for r in rows:  # every run's row carries the command that reproduces it, with no path of the machine it ran on
